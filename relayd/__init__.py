@@ -1,0 +1,3 @@
+"""relayd: relay device TCP streams to WebSocket clients."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from relayd.daemon import main
+
+sys.exit(main())

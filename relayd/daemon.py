@@ -1,0 +1,253 @@
+"""The composition root: arguments, logging, sockets, wiring; ``main()`` returns the exit code."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import uvicorn
+
+from relayd import __version__
+from relayd.app import create_app
+from relayd.config import DEFAULT_CONFIG, Settings
+from relayd.errors import BindError, ConfigError
+from relayd.listeners import BACKLOG, bind_tcp
+from relayd.runtime import Runtime
+from relayd.server import RelayServer
+from relayd.state import PortState
+from relayd.systemd import Notifier
+from relayd.wsconn import RelayWebSocketProtocol
+
+logger = logging.getLogger("relayd")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG
+DEFAULT_STATE_DIR = Path("/var/lib/relayd")
+UVICORN_GRACE = 1  # seconds uvicorn waits for HTTP connections after relayd's own drain
+
+SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>message``: journald reads the priority and adds its own timestamp."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{priority}>{super().format(record)}"
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter("%(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # uvicorn's own startup chatter repeats what relayd logs; keep its warnings and errors.
+    logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relayd",
+        description="Relay device TCP streams to WebSocket clients.",
+    )
+    parser.add_argument("--version", action="version", version=f"relayd {__version__}")
+    parser.add_argument(
+        "--config", type=Path, default=None, help=f"config file (default {DEFAULT_CONFIG})"
+    )
+    parser.add_argument("--http", metavar="HOST:PORT", help="override [http] host and port")
+    parser.add_argument("--admin-socket", metavar="PATH", help="override admin.socket")
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="where ports.json lives (default $STATE_DIRECTORY, else /var/lib/relayd)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        action="append",
+        default=[],
+        metavar="PORT",
+        help="add a listener port (repeatable)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="log level (default info)",
+    )
+    parser.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit"
+    )
+    return parser
+
+
+def state_directory(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    env = os.environ.get("STATE_DIRECTORY", "")
+    return Path(env.split(":")[0]) if env else DEFAULT_STATE_DIR
+
+
+def bind_unix(path: str) -> socket.socket:
+    """The admin socket, created with mode 0660; a stale socket file is replaced."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(target.lstat().st_mode):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(path)
+            except OSError:
+                target.unlink()  # nobody listens: stale
+            else:
+                raise BindError(0, path, "another relayd is listening on it")
+            finally:
+                probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(0, path, (exc.strerror or str(exc)).lower()) from None
+    finally:
+        os.umask(old_umask)
+    return sock
+
+
+def read_token(settings: Settings) -> str | None:
+    path = settings.admin.token_file
+    if path is None:
+        return None
+    try:
+        token = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ConfigError([f"admin.token_file: cannot read {path}: {exc.strerror}"]) from None
+    if not token:
+        raise ConfigError([f"admin.token_file: {path} is empty"])
+    return token
+
+
+async def serve(
+    settings: Settings,
+    *,
+    load_settings: Callable[[], Settings],
+    state_dir: Path,
+    admin_token: str | None,
+    on_server: Callable[[RelayServer], None] | None = None,
+) -> int:
+    """Run the daemon until it is stopped; ``on_server`` sees the server before it starts."""
+    notifier = Notifier()
+    state = PortState(state_dir)
+    state.load()
+    runtime = Runtime(
+        settings,
+        load_settings=load_settings,
+        state=state,
+        notifier=notifier,
+    )
+    try:
+        runtime.bind_all()
+    except BindError as exc:
+        logger.error("cannot listen on port %d (%s): %s", exc.port, exc.host, exc.reason)
+        return EXIT_FAILURE
+    sockets: list[socket.socket] = []
+    try:
+        http = settings.http
+        sockets.append(bind_tcp(http.host, http.port))
+        sockets.append(bind_unix(settings.admin.socket))
+    except BindError as exc:
+        runtime.close_prebound()
+        for sock in sockets:
+            sock.close()
+        if exc.port:
+            logger.error("cannot listen on HTTP port %d (%s): %s", exc.port, exc.host, exc.reason)
+        else:
+            logger.error("cannot create admin socket %s: %s", exc.host, exc.reason)
+        return EXIT_FAILURE
+    app = create_app(runtime, admin_token=admin_token)
+    relay = settings.relay
+    config = uvicorn.Config(
+        app,
+        ws=RelayWebSocketProtocol,
+        lifespan="on",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,
+        ws_ping_interval=relay.ping_interval or None,
+        ws_ping_timeout=relay.ping_timeout,
+        ws_per_message_deflate=relay.per_message_deflate,
+        timeout_graceful_shutdown=UVICORN_GRACE,
+    )
+    server = RelayServer(config, runtime)
+    if on_server is not None:
+        on_server(server)
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        runtime.close_prebound()
+        with contextlib.suppress(OSError):
+            os.unlink(settings.admin.socket)
+    return EXIT_OK if server.started else EXIT_FAILURE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.log_level)
+    config_path: Path = args.config or DEFAULT_CONFIG
+
+    def load_settings() -> Settings:
+        return Settings.load(
+            config_path,
+            http=args.http,
+            admin_socket=args.admin_socket,
+            extra_ports=tuple(args.port),
+        )
+
+    try:
+        settings = load_settings()
+        token = read_token(settings)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"relayd: {problem}\n")
+        return EXIT_CONFIG
+    if args.check_config:
+        sys.stdout.write(f"relayd: {config_path}: configuration is valid\n")
+        return EXIT_OK
+    logger.info("relayd %s starting (config %s)", __version__, config_path)
+    try:
+        return asyncio.run(
+            serve(
+                settings,
+                load_settings=load_settings,
+                state_dir=state_directory(args.state_dir),
+                admin_token=token,
+            )
+        )
+    except KeyboardInterrupt:  # SIGINT re-raised by uvicorn after a clean drain
+        return EXIT_OK

@@ -1,0 +1,289 @@
+"""The one fan-out hub: device messages in, WebSocket frames out.
+
+``Hub.publish`` is synchronous and never waits for a client. Each message is
+encoded into a WebSocket frame once (and into a JSON envelope once, when a
+client asked for envelopes); the same bytes go to every subscriber. Each
+subscriber has its own queue: frames published during one event-loop
+iteration are written to its transport in one call at the end of that
+iteration. While a client's transport is paused (its socket is not keeping
+up), its queue holds at most ``queue_size`` messages and the overflow policy
+applies to that client alone: drop its oldest messages and count them, or
+close it with 1008.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Literal, Protocol
+
+logger = logging.getLogger(__name__)
+
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+def encode_frame(payload: bytes, opcode: int) -> bytes:
+    """One unmasked, unfragmented server-to-client frame (RFC 6455 §5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class Sink(Protocol):
+    """What the hub needs of one WebSocket connection."""
+
+    def send_frames(self, frames: list[bytes]) -> None: ...
+
+    def close(self, code: int, reason: str) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a batch of messages came from: one device connection."""
+
+    port: int
+    name: str | None
+    peer: str
+    json_prefix: bytes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        head = json.dumps({"port": self.port, "name": self.name, "peer": self.peer})
+        object.__setattr__(self, "json_prefix", (head[:-1] + ', "ts": "').encode())
+
+
+class HubFull(Exception):
+    pass
+
+
+class HubClosed(Exception):
+    pass
+
+
+class Subscription:
+    """One client's bounded queue of encoded frames."""
+
+    __slots__ = (
+        "_hub",
+        "sink",
+        "ports",
+        "json",
+        "queue",
+        "scheduled",
+        "paused",
+        "closed",
+        "dropped",
+        "sent",
+    )
+
+    def __init__(self, hub: Hub, sink: Sink, ports: frozenset[int] | None, json: bool) -> None:
+        self._hub = hub
+        self.sink = sink
+        self.ports = ports
+        self.json = json
+        self.queue: list[bytes] = []
+        self.scheduled = False
+        self.paused = False
+        self.closed = False
+        self.dropped = 0
+        self.sent = 0
+
+    def pause(self) -> None:
+        """The client's transport buffer is full: keep frames here, bounded."""
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.queue and not self.scheduled:
+            self.flush()
+
+    def flush(self) -> None:
+        queue = self.queue
+        if not queue:
+            return
+        if self.closed:
+            queue.clear()
+            return
+        if self.paused and not self._hub.closing:
+            excess = len(queue) - self._hub.queue_size
+            if excess > 0:
+                self._overflow(excess)
+            return
+        self.queue = []
+        self.sent += len(queue)
+        self._hub.messages_sent += len(queue)
+        self.sink.send_frames(queue)
+
+    def _overflow(self, excess: int) -> None:
+        hub = self._hub
+        if hub.slow_client == "drop":
+            if self.dropped == 0:
+                logger.warning("websocket client too slow: dropping its oldest messages")
+            del self.queue[:excess]
+            self.dropped += excess
+            hub.dropped["queue_full"] += excess
+        else:
+            logger.warning("websocket client too slow: disconnecting it (1008)")
+            hub.dropped["slow_client_disconnected"] += len(self.queue)
+            self.queue.clear()
+            self.close(CLOSE_POLICY_VIOLATION, "client too slow")
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closed:
+            self.closed = True
+            self.sink.close(code, reason)
+
+
+class Hub:
+    def __init__(
+        self,
+        *,
+        queue_size: int,
+        slow_client: Literal["drop", "disconnect"],
+        max_clients: int,
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.queue_size = queue_size
+        self.slow_client = slow_client
+        self.max_clients = max_clients
+        self.closing = False
+        self.messages_sent = 0
+        self.dropped: dict[str, int] = {"queue_full": 0, "slow_client_disconnected": 0}
+        self._subs: set[Subscription] = set()
+        self._targets: dict[int, tuple[list[Subscription], list[Subscription]]] = {}
+        self._dirty: list[Subscription] = []
+        self._flush_handle: asyncio.Handle | None = None
+        self._empty = asyncio.Event()
+        self._empty.set()
+
+    def configure(
+        self, *, queue_size: int, slow_client: Literal["drop", "disconnect"], max_clients: int
+    ) -> None:
+        """Apply a reloaded ``[relay]`` section from now on."""
+        self.queue_size = queue_size
+        self.slow_client = slow_client
+        self.max_clients = max_clients
+
+    @property
+    def clients(self) -> int:
+        return len(self._subs)
+
+    def subscribe(self, sink: Sink, ports: Iterable[int] | None, json: bool) -> Subscription:
+        """Register a client; call before the handshake completes so nothing is missed."""
+        if self.closing:
+            raise HubClosed
+        if len(self._subs) >= self.max_clients:
+            raise HubFull
+        sub = Subscription(self, sink, frozenset(ports) if ports is not None else None, json)
+        self._subs.add(sub)
+        self._targets.clear()
+        self._empty.clear()
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        sub.closed = True
+        sub.queue.clear()
+        if sub in self._subs:
+            self._subs.discard(sub)
+            self._targets.clear()
+            if not self._subs:
+                self._empty.set()
+
+    def _targets_for(self, port: int) -> tuple[list[Subscription], list[Subscription]]:
+        targets = self._targets.get(port)
+        if targets is None:
+            subs = [s for s in self._subs if s.ports is None or port in s.ports]
+            targets = ([s for s in subs if not s.json], [s for s in subs if s.json])
+            self._targets[port] = targets
+        return targets
+
+    def publish(self, source: Source, messages: list[bytes], all_text: bool = False) -> None:
+        """Queue ``messages`` for every subscriber of ``source.port``; never blocks.
+
+        ``all_text``: the caller knows every message is valid UTF-8.
+        """
+        bare, envelope = self._targets_for(source.port)
+        if not bare and not envelope:
+            return
+        dirty = self._dirty
+        if bare:
+            if all_text:
+                frames = [encode_frame(m, OP_TEXT) for m in messages]
+            else:
+                frames = [encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for m in messages]
+            for sub in bare:
+                sub.queue += frames
+                if not sub.scheduled:
+                    sub.scheduled = True
+                    dirty.append(sub)
+        if envelope:
+            frames = self._envelopes(source, messages)
+            for sub in envelope:
+                sub.queue += frames
+                if not sub.scheduled:
+                    sub.scheduled = True
+                    dirty.append(sub)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    @staticmethod
+    def _envelopes(source: Source, messages: list[bytes]) -> list[bytes]:
+        ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
+        head = source.json_prefix + ts
+        frames = []
+        for m in messages:
+            try:
+                body = b'", "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
+            except UnicodeDecodeError:
+                body = b'", "data_b64": "' + base64.b64encode(m) + b'"}'
+            frames.append(encode_frame(head + body, OP_TEXT))
+        return frames
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        dirty, self._dirty = self._dirty, []
+        for sub in dirty:
+            sub.scheduled = False
+            sub.flush()
+
+    async def close(self, timeout: float) -> None:
+        """Flush every client's queue, close each with 1001, wait up to ``timeout`` for them."""
+        self.closing = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+        self._flush()
+        for sub in list(self._subs):
+            sub.flush()
+            sub.close(CLOSE_GOING_AWAY, "relayd is stopping")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._empty.wait()
+        except TimeoutError:
+            logger.warning("%d websocket client(s) did not close in time", len(self._subs))
+            for sub in list(self._subs):
+                sub.sink.abort()

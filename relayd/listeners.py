@@ -1,0 +1,432 @@
+"""TCP listeners: one ``Listener`` per device port, and the one registry of them.
+
+A ``Listener`` owns its ``asyncio.Server``, its set of device connections and
+its own stop event. Stopping it is a drain: stop accepting, give connected
+devices up to the drain timeout to close on their own while their data is
+still relayed, then close the rest. Every byte read before a connection closed
+is published, a trailing partial line as a last message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from relayd.config import PortSettings
+from relayd.errors import BindError, ListenerExists, ListenerNotFound
+from relayd.hub import Hub, Source
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 1024
+KEEPALIVE_IDLE = 30  # seconds of silence before the first TCP keepalive probe
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_COUNT = 3
+CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost
+
+Origin = Literal["config", "runtime"]
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A listening, non-blocking TCP socket; ``BindError`` names port and reason."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise BindError(port, host, f"cannot resolve host {host!r} ({exc.strerror})") from None
+    family, _, proto, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        if exc.errno == errno.EADDRNOTAVAIL:
+            reason = f"cannot assign address {host}"
+        raise BindError(port, host, reason) from None
+    return sock
+
+
+def bind(settings: PortSettings) -> socket.socket:
+    return bind_tcp(settings.host, settings.port)
+
+
+def format_peer(peer: object) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = str(peer[0])
+        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
+    return str(peer or "?")
+
+
+def _cut(data: bytes, size: int) -> list[bytes]:
+    """Pieces of at most ``size`` bytes, not cut inside a UTF-8 sequence where avoidable."""
+    pieces = []
+    start = 0
+    while len(data) - start > size:
+        cut = back = start + size
+        while back > start and back > cut - 3 and 0x80 <= data[back] < 0xC0:
+            back -= 1  # data[cut] continues a sequence: look for its lead byte
+        if back > start and data[back] >= 0xC0:
+            cut = back
+        pieces.append(data[start:cut])
+        start = cut
+    pieces.append(data[start:])
+    return pieces
+
+
+def _incomplete_utf8_tail(data: bytes) -> int:
+    """Length of a UTF-8 sequence cut short at the end of ``data`` (0 if none)."""
+    for i in range(1, min(4, len(data)) + 1):
+        byte = data[-i]
+        if byte < 0x80:
+            return 0
+        if byte > 0xF4:
+            return 0  # never part of UTF-8
+        if byte >= 0xC0:
+            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return i if i < need else 0
+    return 0
+
+
+class DeviceConnection(asyncio.Protocol):
+    """One device's TCP connection: framing, counting, publishing."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.hub = listener.hub
+        self.transport: asyncio.Transport | None = None
+        self.source: Source | None = None
+        self.partial = b""
+        self.max_message = listener.max_message
+        self.lines = listener.settings.framing == "lines"
+        self.last_data = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        listener = self.listener
+        assert isinstance(transport, asyncio.Transport)
+        if listener.draining or len(listener.connections) >= listener.settings.max_connections:
+            listener.reject()
+            transport.abort()
+            return
+        self.transport = transport
+        listener.connections.add(self)
+        listener.idle.clear()
+        peer = format_peer(transport.get_extra_info("peername"))
+        self.source = Source(listener.port, listener.settings.name, peer)
+        sock = transport.get_extra_info("socket")
+        if listener.settings.keepalive and sock is not None:
+            _enable_keepalive(sock)
+        if listener.settings.idle_timeout > 0:
+            self.last_data = time.monotonic()
+            loop = asyncio.get_running_loop()
+            self.idle_timer = loop.call_later(listener.settings.idle_timeout, self._check_idle)
+        logger.info("port %d: device %s connected", listener.port, peer)
+
+    def data_received(self, data: bytes) -> None:
+        listener = self.listener
+        listener.bytes_received += len(data)
+        if self.idle_timer is not None:
+            self.last_data = time.monotonic()
+        if self.partial:
+            data = self.partial + data
+        size = self.max_message
+        if self.lines:
+            messages = data.split(b"\n")
+            partial = messages.pop()
+            if b"\r" in data:
+                messages = [m[:-1] if m[-1:] == b"\r" else m for m in messages]
+            if len(data) > size:
+                messages = [piece for m in messages for piece in _cut(m, size)]
+                if len(partial) >= size:
+                    pieces = _cut(partial, size)
+                    partial = pieces.pop()
+                    messages += pieces
+        else:
+            tail = 0 if data.isascii() else _incomplete_utf8_tail(data)
+            partial = data[len(data) - tail :]
+            if tail:
+                data = data[:-tail]
+            messages = _cut(data, size) if len(data) > size else [data] if data else []
+        self.partial = partial
+        if b"" in messages:  # blank lines carry no data and are not relayed
+            messages = [m for m in messages if m]
+        if messages:
+            listener.messages_received += len(messages)
+            assert self.source is not None
+            self.hub.publish(self.source, messages, data.isascii())
+
+    def eof_received(self) -> bool:
+        return False  # close our side too; connection_lost delivers the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        listener = self.listener
+        if self.transport is None:
+            return  # rejected at connection_made
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        partial = self.partial
+        if self.lines and partial.endswith(b"\r"):
+            partial = partial[:-1]
+        if partial:  # a trailing partial line (or an unfinished UTF-8 tail) is the last message
+            assert self.source is not None
+            listener.messages_received += 1
+            self.hub.publish(self.source, [partial])
+        self.partial = b""
+        listener.connections.discard(self)
+        if not listener.connections:
+            listener.idle.set()
+        peer = self.source.peer if self.source else "?"
+        if exc is not None:
+            logger.info("port %d: device %s disconnected (%s)", listener.port, peer, exc)
+        else:
+            logger.info("port %d: device %s disconnected", listener.port, peer)
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def _check_idle(self) -> None:
+        timeout = self.listener.settings.idle_timeout
+        remaining = self.last_data + timeout - time.monotonic()
+        if remaining > 0:
+            self.idle_timer = asyncio.get_running_loop().call_later(remaining, self._check_idle)
+            return
+        self.idle_timer = None
+        logger.info(
+            "port %d: device %s idle for %g s: closing",
+            self.listener.port,
+            self.source.peer if self.source else "?",
+            timeout,
+        )
+        self.close()
+
+
+def _enable_keepalive(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_COUNT)
+    except OSError:  # pragma: no cover - not every socket family supports them
+        logger.debug("cannot enable TCP keepalive", exc_info=True)
+
+
+class Listener:
+    """One device port: a server, its connections, its stop event."""
+
+    def __init__(
+        self,
+        settings: PortSettings,
+        sock: socket.socket,
+        hub: Hub,
+        *,
+        origin: Origin,
+        max_message: int,
+    ) -> None:
+        self.settings = settings
+        self.origin: Origin = origin
+        self.hub = hub
+        self.max_message = max_message
+        self.connections: set[DeviceConnection] = set()
+        self.messages_received = 0
+        self.bytes_received = 0
+        self.rejected = 0
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._sock: socket.socket | None = sock
+        self._server: asyncio.Server | None = None
+        self._stop = asyncio.Event()
+        self._drain_timeout = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._last_reject_log = 0.0
+
+    @property
+    def port(self) -> int:
+        return self.settings.port
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.draining else "listening"
+
+    async def start(self) -> None:
+        """Serve on the pre-bound socket; returns once connections are being accepted."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: DeviceConnection(self), sock=self._sock, backlog=BACKLOG
+        )
+        self._sock = None
+        self._task = asyncio.create_task(self._run(), name=f"listener-{self.port}")
+        logger.info("port %d: listening on %s", self.port, self.settings.host)
+
+    def stop(self, drain_timeout: float) -> None:
+        """Set this listener's stop event: drain for up to ``drain_timeout`` seconds."""
+        if not self._stop.is_set():
+            self._drain_timeout = drain_timeout
+            self._stop.set()
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        elif self._sock is not None:  # never started
+            self._sock.close()
+            self._sock = None
+
+    def reject(self) -> None:
+        self.rejected += 1
+        now = time.monotonic()
+        if now - self._last_reject_log > 10:
+            self._last_reject_log = now
+            logger.warning(
+                "port %d: connection refused (%s)",
+                self.port,
+                "draining" if self.draining else f"max_connections={self.settings.max_connections}",
+            )
+
+    async def _run(self) -> None:
+        await self._stop.wait()
+        self.draining = True
+        assert self._server is not None
+        self._server.close()  # stop accepting now
+        n = len(self.connections)
+        if n and self._drain_timeout > 0:
+            logger.info(
+                "port %d: draining %d connection(s) for up to %g s",
+                self.port,
+                n,
+                self._drain_timeout,
+            )
+            try:
+                async with asyncio.timeout(self._drain_timeout):
+                    await self.idle.wait()
+            except TimeoutError:
+                pass
+        if self.connections:
+            logger.info("port %d: closing %d connection(s)", self.port, len(self.connections))
+            for conn in list(self.connections):
+                conn.close()
+            try:
+                async with asyncio.timeout(CLOSE_GRACE):
+                    await self.idle.wait()
+            except TimeoutError:  # pragma: no cover - connection_lost is always called soon
+                logger.warning("port %d: connections did not report closing", self.port)
+        logger.info("port %d: closed", self.port)
+
+
+@dataclass(frozen=True)
+class PortSnapshot:
+    port: int
+    host: str
+    name: str | None
+    framing: str
+    max_connections: int
+    state: str
+    source: Origin
+    connections: int
+    messages_received: int
+    bytes_received: int
+
+
+class ListenerRegistry:
+    """The one map of port to listener."""
+
+    def __init__(self, hub: Hub, *, max_message: int, on_change: Callable[[], None]) -> None:
+        self.hub = hub
+        self.max_message = max_message
+        self._listeners: dict[int, Listener] = {}
+        self._on_change = on_change
+        self.lock = asyncio.Lock()  # serializes add/remove/reload
+
+    def __contains__(self, port: int) -> bool:
+        return port in self._listeners
+
+    def __len__(self) -> int:
+        return len(self._listeners)
+
+    def get(self, port: int) -> Listener:
+        try:
+            return self._listeners[port]
+        except KeyError:
+            raise ListenerNotFound(port) from None
+
+    def listeners(self) -> list[Listener]:
+        return [self._listeners[p] for p in sorted(self._listeners)]
+
+    async def add(
+        self, settings: PortSettings, *, origin: Origin, sock: socket.socket | None = None
+    ) -> Listener:
+        """Bind (unless ``sock`` is given) and start a listener; it accepts when this returns."""
+        if settings.port in self._listeners:
+            if sock is not None:
+                sock.close()
+            raise ListenerExists(settings.port)
+        if sock is None:
+            sock = bind(settings)
+        listener = Listener(settings, sock, self.hub, origin=origin, max_message=self.max_message)
+        self._listeners[settings.port] = listener
+        try:
+            await listener.start()
+        except BaseException:
+            del self._listeners[settings.port]
+            sock.close()
+            raise
+        self._on_change()
+        return listener
+
+    async def remove(self, port: int, *, drain_timeout: float) -> Listener:
+        """Drain and close one listener; the others are not touched."""
+        listener = self.get(port)
+        listener.stop(drain_timeout)
+        self._on_change()
+        try:
+            await listener.wait_closed()
+        finally:
+            if self._listeners.get(port) is listener:
+                del self._listeners[port]
+            self._on_change()
+        return listener
+
+    async def drain_all(self, drain_timeout: float) -> None:
+        """Stop every listener at once and wait for all of them."""
+        listeners = list(self._listeners.values())
+        for listener in listeners:
+            listener.stop(drain_timeout)
+        self._on_change()
+        await asyncio.gather(*(listener.wait_closed() for listener in listeners))
+        self._listeners.clear()
+        self._on_change()
+
+    def configure(self, *, max_message: int) -> None:
+        self.max_message = max_message
+        for listener in self._listeners.values():
+            listener.max_message = max_message
+
+    def snapshot(self, listener: Listener) -> PortSnapshot:
+        s = listener.settings
+        return PortSnapshot(
+            port=s.port,
+            host=s.host,
+            name=s.name,
+            framing=s.framing,
+            max_connections=s.max_connections,
+            state=listener.state,
+            source=listener.origin,
+            connections=len(listener.connections),
+            messages_received=listener.messages_received,
+            bytes_received=listener.bytes_received,
+        )
+
+    @property
+    def tcp_connections(self) -> int:
+        return sum(len(listener.connections) for listener in self._listeners.values())

@@ -1,0 +1,74 @@
+"""``GET /metrics``: Prometheus text read from the live objects at scrape time.
+
+The counters live where they are counted (listeners, hub); nothing on the
+per-message path touches a metrics library.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from relayd.runtime import Runtime
+
+
+class RelayCollector(Collector):
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        listeners = runtime.registry.listeners()
+        hub = runtime.hub
+        yield GaugeMetricFamily("relayd_ports", "Listener ports open", value=len(listeners))
+        yield GaugeMetricFamily("relayd_ws_clients", "WebSocket clients", value=hub.clients)
+        connections = GaugeMetricFamily(
+            "relayd_tcp_connections", "Device connections per port", labels=["port"]
+        )
+        received = CounterMetricFamily(
+            "relayd_messages_received", "Messages read from devices", labels=["port"]
+        )
+        received_bytes = CounterMetricFamily(
+            "relayd_bytes_received", "Bytes read from devices", labels=["port"]
+        )
+        rejected = CounterMetricFamily(
+            "relayd_tcp_connections_rejected",
+            "Device connections refused (max_connections or draining)",
+            labels=["port"],
+        )
+        for listener in listeners:
+            port = [str(listener.port)]
+            connections.add_metric(port, len(listener.connections))
+            received.add_metric(port, listener.messages_received)
+            received_bytes.add_metric(port, listener.bytes_received)
+            rejected.add_metric(port, listener.rejected)
+        yield from (connections, received, received_bytes, rejected)
+        yield CounterMetricFamily(
+            "relayd_messages_sent", "Messages written to WebSocket clients", value=hub.messages_sent
+        )
+        dropped = CounterMetricFamily(
+            "relayd_messages_dropped", "Messages dropped for slow clients", labels=["reason"]
+        )
+        for reason, count in hub.dropped.items():
+            dropped.add_metric([reason], count)
+        yield dropped
+        yield CounterMetricFamily(
+            "relayd_ws_clients_rejected",
+            "WebSocket handshakes refused over relay.max_clients",
+            value=runtime.ws_rejected,
+        )
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+def make_registry(runtime: Runtime) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayCollector(runtime))
+    return registry

@@ -1,0 +1,244 @@
+"""The running relay: current settings, the hub, the listener registry, the port state.
+
+Everything that changes at runtime (reload, ports added or removed through the
+admin API, stop) goes through ``Runtime``, which keeps the registry, the state
+file and the service manager's view consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from relayd import __version__
+from relayd.config import PortSettings, Settings
+from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError
+from relayd.hub import Hub
+from relayd.listeners import Listener, ListenerRegistry, Origin, PortSnapshot, bind
+from relayd.state import PortState
+from relayd.systemd import Notifier
+
+logger = logging.getLogger(__name__)
+
+STATUS_DEBOUNCE = 0.25  # seconds: coalesce STATUS= updates during connection bursts
+CLIENT_CLOSE_TIMEOUT = 2.0  # seconds WebSocket clients get to take their last frames on stop
+
+
+@dataclass
+class ReloadReport:
+    added: list[int] = field(default_factory=list)
+    removed: list[int] = field(default_factory=list)
+    changed: list[int] = field(default_factory=list)
+    failed: list[dict[str, object]] = field(default_factory=list)
+
+
+class Runtime:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        load_settings: Callable[[], Settings],
+        state: PortState,
+        notifier: Notifier,
+    ) -> None:
+        self.settings = settings
+        self._load_settings = load_settings
+        self.state = state
+        self.notifier = notifier
+        relay = settings.relay
+        self.hub = Hub(
+            queue_size=relay.queue_size,
+            slow_client=relay.slow_client,
+            max_clients=relay.max_clients,
+        )
+        self.registry = ListenerRegistry(
+            self.hub, max_message=relay.max_message, on_change=self.status_changed
+        )
+        self.lock = asyncio.Lock()  # serializes port changes and reloads
+        self.ready = False
+        self.draining = False
+        self.started_at = time.monotonic()
+        self.ws_rejected = 0
+        self.http_address = f"{settings.http.host}:{settings.http.port}"
+        self._prebound: list[tuple[PortSettings, Origin, socket.socket]] = []
+        self._status_handle: asyncio.TimerHandle | None = None
+
+    # Start and stop
+
+    def bind_all(self) -> None:
+        """Bind every port the daemon starts with; BindError names the first that fails."""
+        try:
+            for settings, origin in self.state.apply(self.settings.ports).values():
+                sock = bind(settings)
+                self._prebound.append((settings, origin, sock))
+        except BindError:
+            self.close_prebound()
+            raise
+
+    def close_prebound(self) -> None:
+        for _, _, sock in self._prebound:
+            sock.close()
+        self._prebound.clear()
+
+    async def start_listeners(self) -> None:
+        prebound, self._prebound = self._prebound, []
+        for settings, origin, sock in sorted(prebound, key=lambda item: item[0].port):
+            await self.registry.add(settings, origin=origin, sock=sock)
+
+    async def shutdown(self) -> None:
+        """Drain devices, then flush and close every WebSocket client (spec §4)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.notifier.stopping()
+        self.notifier.status("stopping: draining connections")
+        timeout = self.settings.drain.timeout
+        logger.info("stopping: draining devices for up to %g s", timeout)
+        await self.registry.drain_all(timeout)
+        await self.hub.close(CLIENT_CLOSE_TIMEOUT)
+        logger.info("stopped relaying")
+
+    # Status
+
+    def status_changed(self) -> None:
+        if self._status_handle is None:
+            loop = asyncio.get_running_loop()
+            self._status_handle = loop.call_later(STATUS_DEBOUNCE, self._send_status)
+
+    def _send_status(self) -> None:
+        self._status_handle = None
+        if not self.draining:
+            self.notifier.status(self.status_text())
+
+    def status_text(self) -> str:
+        return f"relaying {len(self.registry)} ports, {self.hub.clients} clients"
+
+    def status(self) -> dict[str, object]:
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.monotonic() - self.started_at, 3),
+            "state": "draining" if self.draining else "ready",
+            "http": self.http_address,
+            "ports": len(self.registry),
+            "tcp_connections": self.registry.tcp_connections,
+            "ws_clients": self.hub.clients,
+        }
+
+    def snapshot(self, listener: Listener) -> PortSnapshot:
+        return self.registry.snapshot(listener)
+
+    # Port changes (admin API)
+
+    async def add_port(self, settings: PortSettings) -> Listener:
+        """Open a runtime port and persist it; no trace is left when anything fails."""
+        async with self.lock:
+            if settings.port in self.registry:
+                raise ListenerExists(settings.port)
+            sock = bind(settings)
+            new_state = self.state.with_added(settings)
+            try:
+                new_state.save()
+            except RelaydError:
+                sock.close()
+                raise
+            self.state = new_state
+            listener = await self.registry.add(settings, origin="runtime", sock=sock)
+        logger.info("port %d added at runtime", settings.port)
+        return listener
+
+    async def remove_port(self, port: int, *, force: bool = False) -> Listener:
+        """Persist the removal, then drain that port alone; returns it with final counters."""
+        async with self.lock:
+            listener = self.registry.get(port)
+            if not listener.draining:
+                in_config = any(p.port == port for p in self.settings.ports)
+                new_state = self.state.with_removed(port, in_config=in_config)
+                new_state.save()
+                self.state = new_state
+            timeout = 0.0 if force else self.settings.drain.timeout
+            listener.stop(timeout)
+        logger.info("port %d removed at runtime%s", port, " (forced)" if force else "")
+        return await self.registry.remove(port, drain_timeout=timeout)
+
+    # Reload
+
+    async def reload(self) -> ReloadReport:
+        """Re-read the config and reconcile ports; ConfigError leaves everything running."""
+        self.notifier.reloading()
+        try:
+            async with self.lock:
+                try:
+                    new = self._load_settings()
+                except ConfigError as exc:
+                    for problem in exc.problems:
+                        logger.error("reload rejected: %s", problem)
+                    raise
+                report = await self._reconcile(new)
+                self._apply_settings(new)
+        finally:
+            self.notifier.ready()
+            self.status_changed()
+        logger.info(
+            "reloaded: added %s, removed %s, changed %s, failed %s",
+            report.added,
+            report.removed,
+            report.changed,
+            [f["port"] for f in report.failed],
+        )
+        return report
+
+    async def _reconcile(self, new: Settings) -> ReloadReport:
+        report = ReloadReport()
+        desired = self.state.apply(new.ports)
+        current = {listener.port: listener for listener in self.registry.listeners()}
+        for port, listener in current.items():
+            if listener.draining:
+                continue
+            if port not in desired:
+                report.removed.append(port)
+            elif listener.settings != desired[port][0]:
+                report.changed.append(port)
+            else:
+                listener.origin = desired[port][1]
+        await asyncio.gather(
+            *(
+                self.registry.remove(port, drain_timeout=new.drain.timeout)
+                for port in report.removed + report.changed
+            )
+        )
+        for port, (settings, origin) in sorted(desired.items()):
+            if port in self.registry:
+                continue
+            try:
+                await self.registry.add(settings, origin=origin)
+            except BindError as exc:
+                logger.error("reload: cannot listen on port %d: %s", port, exc.reason)
+                report.failed.append({"port": port, "detail": str(exc)})
+                if port in report.changed:
+                    report.changed.remove(port)
+            else:
+                if port not in report.changed:
+                    report.added.append(port)
+        return report
+
+    def _apply_settings(self, new: Settings) -> None:
+        old = self.settings
+        if new.http != old.http:
+            logger.warning("reload: [http] changed; it applies after a restart")
+        if new.admin != old.admin:
+            logger.warning("reload: [admin] changed; it applies after a restart")
+        relay = new.relay
+        self.hub.configure(
+            queue_size=relay.queue_size,
+            slow_client=relay.slow_client,
+            max_clients=relay.max_clients,
+        )
+        self.registry.configure(max_message=relay.max_message)
+        # [http] and [admin] keep their running values until a restart.
+        self.settings = new.model_copy(update={"http": old.http, "admin": old.admin})

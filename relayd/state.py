@@ -1,0 +1,123 @@
+"""Runtime port changes that survive a restart: ``<state-dir>/ports.json``.
+
+The file records what the admin API changed relative to the config file:
+ports added at runtime (with their settings) and config ports removed at
+runtime. Writes are atomic: temp file, fsync, rename, fsync of the directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from relayd.config import PortSettings
+from relayd.errors import StateError
+from relayd.listeners import Origin
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "ports.json"
+
+
+class _StateModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: int = 1
+    added: list[PortSettings] = []
+    removed: list[int] = []
+
+
+class PortState:
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / STATE_FILE
+        self.added: dict[int, PortSettings] = {}
+        self.removed: set[int] = set()
+
+    def load(self) -> None:
+        """Read the file; a corrupt one is moved aside and logged, never fatal."""
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            logger.error("state file %s unreadable (%s): starting from the config", self.path, exc)
+            return
+        try:
+            model = _StateModel.model_validate_json(text)
+        except ValidationError as exc:
+            aside = self.path.with_name(f"{STATE_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(self.path, aside)
+            except OSError as move_exc:
+                logger.error("cannot move corrupt state file aside: %s", move_exc)
+            logger.error(
+                "state file %s is corrupt (%d problem(s)); moved to %s, starting from the config",
+                self.path,
+                exc.error_count(),
+                aside.name,
+            )
+            return
+        self.added = {p.port: p for p in model.added}
+        self.removed = set(model.removed)
+
+    def apply(self, config_ports: list[PortSettings]) -> dict[int, tuple[PortSettings, Origin]]:
+        """Config ports minus runtime removals plus runtime additions, by port number."""
+        desired: dict[int, tuple[PortSettings, Origin]] = {
+            p.port: (p, "config") for p in config_ports if p.port not in self.removed
+        }
+        desired.update((port, (p, "runtime")) for port, p in self.added.items())
+        return desired
+
+    def with_added(self, settings: PortSettings) -> PortState:
+        new = self._copy()
+        new.added[settings.port] = settings
+        new.removed.discard(settings.port)
+        return new
+
+    def with_removed(self, port: int, *, in_config: bool) -> PortState:
+        new = self._copy()
+        new.added.pop(port, None)
+        if in_config:
+            new.removed.add(port)
+        return new
+
+    def _copy(self) -> PortState:
+        new = PortState(self.path.parent)
+        new.added = dict(self.added)
+        new.removed = set(self.removed)
+        return new
+
+    def save(self) -> None:
+        """Write atomically; StateError (nothing changed on disk) when that fails."""
+        data: dict[str, Any] = {
+            "version": 1,
+            "added": [p.model_dump() for _, p in sorted(self.added.items())],
+            "removed": sorted(self.removed),
+        }
+        payload = (json.dumps(data, indent=2) + "\n").encode()
+        tmp = self.path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
+            raise StateError(
+                f"cannot write state file {self.path}: {(exc.strerror or str(exc)).lower()}"
+            ) from None

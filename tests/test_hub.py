@@ -1,0 +1,170 @@
+"""The hub without sockets: encoding once, per-client queues, overflow policies."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from relayd.hub import OP_BINARY, OP_TEXT, Hub, HubFull, Source, encode_frame
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeSink:
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+        self.writes = 0
+        self.closed: tuple[int, str] | None = None
+        self.aborted = False
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.writes += 1
+        self.frames.extend(frames)
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def payloads(frames: list[bytes]) -> list[bytes]:
+    out = []
+    for frame in frames:
+        n = frame[1] & 0x7F
+        offset = 2 if n < 126 else 4 if n == 126 else 10
+        out.append(frame[offset:])
+    return out
+
+
+async def next_iteration() -> None:
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
+def make_hub(**kwargs: object) -> Hub:
+    options: dict[str, object] = {"queue_size": 4, "slow_client": "drop", "max_clients": 10}
+    options.update(kwargs)
+    return Hub(**options)  # type: ignore[arg-type]
+
+
+SRC = Source(8001, "scale-1", "192.0.2.7:51234")
+
+
+def test_encode_frame_lengths() -> None:
+    assert encode_frame(b"hi", OP_TEXT) == b"\x81\x02hi"
+    assert encode_frame(b"x" * 126, OP_BINARY)[:4] == b"\x82\x7e\x00\x7e"
+    assert encode_frame(b"x" * 70000, OP_TEXT)[:10] == b"\x81\x7f" + (70000).to_bytes(8, "big")
+
+
+async def test_publish_encodes_once_and_batches_per_iteration() -> None:
+    hub = make_hub()
+    a, b = FakeSink(), FakeSink()
+    hub.subscribe(a, None, False)
+    hub.subscribe(b, None, False)
+    hub.publish(SRC, [b"one", b"two"], all_text=True)
+    hub.publish(SRC, [b"three"])
+    assert a.frames == []  # nothing is written synchronously
+    await next_iteration()
+    assert payloads(a.frames) == [b"one", b"two", b"three"]
+    assert a.writes == 1  # one transport write per client per loop iteration
+    assert a.frames[0] is b.frames[0]  # the same bytes object for every client
+    assert hub.messages_sent == 6
+
+
+async def test_text_and_binary_opcodes() -> None:
+    hub = make_hub()
+    sink = FakeSink()
+    hub.subscribe(sink, None, False)
+    hub.publish(SRC, ["héllo".encode(), b"\xff\x00"])
+    await next_iteration()
+    assert [f[0] & 0x0F for f in sink.frames] == [OP_TEXT, OP_BINARY]
+
+
+async def test_port_filter() -> None:
+    hub = make_hub()
+    only_8002, every = FakeSink(), FakeSink()
+    hub.subscribe(only_8002, [8002], False)
+    hub.subscribe(every, None, False)
+    hub.publish(SRC, [b"a"])
+    hub.publish(Source(8002, None, "x:1"), [b"b"])
+    await next_iteration()
+    assert payloads(only_8002.frames) == [b"b"]
+    assert payloads(every.frames) == [b"a", b"b"]
+
+
+async def test_json_envelopes() -> None:
+    hub = make_hub()
+    sink = FakeSink()
+    hub.subscribe(sink, None, True)
+    hub.publish(SRC, [b'say "hi"', b"\xff"])
+    await next_iteration()
+    text, binary = (json.loads(p) for p in payloads(sink.frames))
+    assert text["data"] == 'say "hi"'
+    assert (text["port"], text["name"], text["peer"]) == (8001, "scale-1", "192.0.2.7:51234")
+    assert text["ts"].endswith("Z")
+    assert binary["data_b64"] == "/w=="
+    assert "data" not in binary
+
+
+async def test_paused_client_is_bounded_and_drops_oldest_alone() -> None:
+    hub = make_hub(queue_size=4)
+    slow, healthy = FakeSink(), FakeSink()
+    slow_sub = hub.subscribe(slow, None, False)
+    hub.subscribe(healthy, None, False)
+    slow_sub.pause()
+    for i in range(10):
+        hub.publish(SRC, [str(i).encode()])
+        await next_iteration()
+    assert payloads(healthy.frames) == [str(i).encode() for i in range(10)]
+    assert slow.frames == []
+    assert len(slow_sub.queue) == 4
+    assert slow_sub.dropped == 6
+    assert hub.dropped["queue_full"] == 6
+    slow_sub.resume()
+    assert payloads(slow.frames) == [b"6", b"7", b"8", b"9"]
+
+
+async def test_disconnect_policy_closes_slow_client_with_1008() -> None:
+    hub = make_hub(queue_size=2, slow_client="disconnect")
+    slow, healthy = FakeSink(), FakeSink()
+    hub.subscribe(slow, None, False).pause()
+    hub.subscribe(healthy, None, False)
+    hub.publish(SRC, [b"1", b"2", b"3"])
+    await next_iteration()
+    assert slow.closed is not None and slow.closed[0] == 1008
+    assert len(healthy.frames) == 3
+    assert hub.dropped["slow_client_disconnected"] == 3
+
+
+async def test_max_clients() -> None:
+    hub = make_hub(max_clients=1)
+    sub = hub.subscribe(FakeSink(), None, False)
+    with pytest.raises(HubFull):
+        hub.subscribe(FakeSink(), None, False)
+    hub.unsubscribe(sub)
+    hub.subscribe(FakeSink(), None, False)
+
+
+async def test_close_flushes_paused_queues_then_closes_with_1001() -> None:
+    hub = make_hub()
+    sink = FakeSink()
+    sub = hub.subscribe(sink, None, False)
+    sub.pause()
+    hub.publish(SRC, [b"last"])
+    close = asyncio.create_task(hub.close(5))
+    await next_iteration()
+    assert payloads(sink.frames) == [b"last"]
+    assert sink.closed is not None and sink.closed[0] == 1001
+    hub.unsubscribe(sub)
+    await asyncio.wait_for(close, 1)
+
+
+async def test_close_aborts_clients_that_do_not_go() -> None:
+    hub = make_hub()
+    sink = FakeSink()
+    hub.subscribe(sink, None, False)
+    await hub.close(0.01)
+    assert sink.aborted
