@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relayd import __version__, metrics, ws
+from relayd import __version__, api, metrics, ws
 from relayd.runtime import Runtime
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
@@ -92,5 +92,6 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
 
     app.include_router(ws.router)
+    api.install(app, runtime)
     app.add_middleware(AdminGate, token=admin_token)
     return app

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from relayd.hub import Subscription
 
 logger = logging.getLogger(__name__)
+# websockets logs every handshake at INFO; relayd logs subscriptions itself (relayd.ws).
+protocol_logger = logging.getLogger("relayd.wsconn.protocol")
+protocol_logger.setLevel(logging.WARNING)
 
 MAX_INCOMING = 1 << 20  # clients' messages are ignored: do not buffer much of them
 MAX_INBOX = 16  # client messages queued for the app before reading pauses
@@ -61,12 +64,20 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.loop = _loop or asyncio.get_running_loop()
         self.connections: set[Any] = server_state.connections
         self.tasks: set[asyncio.Task[None]] = server_state.tasks
-        self.ping_interval = config.ws_ping_interval or 0.0
-        self.ping_timeout = config.ws_ping_timeout or 0.0
-        extensions = []
-        if config.ws_per_message_deflate:
-            extensions.append(ServerPerMessageDeflateFactory())
-        self.conn = ServerProtocol(extensions=extensions, max_size=MAX_INCOMING, logger=logger)
+        # The lifespan state carries the runtime, whose [relay] section a reload may change.
+        relay = getattr(getattr(app_state.get("runtime"), "settings", None), "relay", None)
+        if relay is not None:
+            self.ping_interval = relay.ping_interval
+            self.ping_timeout = relay.ping_timeout
+            deflate = relay.per_message_deflate
+        else:
+            self.ping_interval = config.ws_ping_interval or 0.0
+            self.ping_timeout = config.ws_ping_timeout or 0.0
+            deflate = config.ws_per_message_deflate
+        extensions = [ServerPerMessageDeflateFactory()] if deflate else []
+        self.conn = ServerProtocol(
+            extensions=extensions, max_size=MAX_INCOMING, logger=protocol_logger
+        )
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.scope: dict[str, Any] = {}
         self.subscription: Subscription | None = None

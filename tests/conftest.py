@@ -78,8 +78,16 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
-def config_text(http_port: int, ports: list[int], *, extra: str = "", port_extra: str = "") -> str:
-    text = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n[drain]\ntimeout = 2.0\n\n{extra}\n'
+def config_text(
+    http_port: int,
+    ports: list[int],
+    *,
+    extra: str = "",
+    port_extra: str = "",
+    drain: float = 2.0,
+) -> str:
+    text = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
+    text += f"[drain]\ntimeout = {drain}\n\n{extra}\n"
     for port in ports:
         text += f'[[ports]]\nport = {port}\nhost = "127.0.0.1"\nname = "dev-{port}"\n{port_extra}\n'
     return text
@@ -130,20 +138,27 @@ async def run_daemon(
     nports: int = 2,
     extra: str = "",
     port_extra: str = "",
+    admin_token: str | None = None,
+    ports: list[int] | None = None,
+    drain: float = 2.0,
 ) -> AsyncIterator[Daemon]:
-    """Start relayd in-process on fresh loopback ports; yield once READY=1 arrived."""
+    """Start relayd in-process on fresh loopback ports; yield once READY=1 arrived.
+
+    ``ports``: use these listener ports (to restart a daemon on the same ones).
+    """
     captured: list[Any] = []
+    fixed_ports = ports
     for _attempt in range(3):
         http_port = free_port()
-        ports = [free_port() for _ in range(nports)]
+        listen = fixed_ports or [free_port() for _ in range(nports)]
         cfg = write_config(
             tmp_path / "relayd.toml",
-            config_text(http_port, ports, extra=extra, port_extra=port_extra),
+            config_text(http_port, listen, extra=extra, port_extra=port_extra, drain=drain),
         )
         d = Daemon(
             config=cfg,
             http_port=http_port,
-            ports=ports,
+            ports=listen,
             admin_socket=tmp_path / "admin.sock",
             state_dir=tmp_path / "state",
             notify=notify,
@@ -156,7 +171,7 @@ async def run_daemon(
                     cfg, admin_socket=str(d.admin_socket)
                 ),
                 state_dir=d.state_dir,
-                admin_token=None,
+                admin_token=admin_token,
                 on_server=captured.append,
             )
         )

@@ -1,0 +1,184 @@
+"""The admin API (``/v1``): status, ports added and removed at runtime, reload."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from relayd import __version__
+from relayd.config import PortNumber, PortSettings, format_loc
+from relayd.errors import (
+    BindError,
+    ConfigError,
+    ListenerExists,
+    ListenerNotFound,
+    RelaydError,
+    StateError,
+)
+from relayd.listeners import Listener
+from relayd.runtime import Runtime
+
+MAX_BODY = 64 * 1024  # bytes: admin requests are small JSON objects
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(examples=["port 8004: address already in use"])
+
+
+class StatusOut(BaseModel):
+    version: str = Field(examples=[__version__])
+    pid: int
+    uptime_s: float
+    state: Literal["ready", "draining"]
+    http: str = Field(examples=["0.0.0.0:8000"])
+    ports: int
+    tcp_connections: int
+    ws_clients: int
+
+
+class PortOut(BaseModel):
+    port: int
+    host: str
+    name: str | None
+    framing: Literal["lines", "raw"]
+    max_connections: int
+    state: Literal["listening", "draining"]
+    source: Literal["config", "runtime"]
+    connections: int
+    messages_received: int
+    bytes_received: int
+
+
+class PortIn(BaseModel):
+    """A listener to open now; omitted fields take the config defaults."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    port: PortNumber
+    host: str | None = None
+    name: str | None = None
+    framing: Literal["lines", "raw"] | None = None
+    max_connections: int | None = None
+    keepalive: bool | None = None
+    idle_timeout: float | None = None
+
+
+class FailedPort(BaseModel):
+    port: int
+    detail: str
+
+
+class ReloadOut(BaseModel):
+    added: list[int]
+    removed: list[int]
+    changed: list[int]
+    failed: list[FailedPort]
+
+
+def port_out(runtime: Runtime, listener: Listener) -> PortOut:
+    snapshot = runtime.snapshot(listener)
+    return PortOut.model_validate(snapshot, from_attributes=True)
+
+
+def _error(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
+def one_sentence(errors: list[Any]) -> str:
+    """FastAPI's list of validation errors as the single sentence spec §7 asks for."""
+    parts = []
+    for error in errors:
+        loc = [p for p in error.get("loc", ()) if p not in ("body", "path", "query")]
+        key = format_loc(tuple(loc))
+        msg = error.get("msg", "invalid")
+        if error.get("type") == "extra_forbidden":
+            msg = "unknown field"
+        elif error.get("type") == "json_invalid":
+            msg = "the body is not valid JSON"
+        elif error.get("type") == "missing" and not key:
+            msg = "a JSON body is required"
+        parts.append(f"{key}: {msg}" if key else msg)
+    return "invalid request: " + "; ".join(parts or ["invalid request"])
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut, "description": "No listener on that port"},
+    409: {"model": ErrorOut, "description": "Already a listener, or the bind failed"},
+    422: {"model": ErrorOut, "description": "Invalid body or port"},
+    500: {"model": ErrorOut, "description": "The state file could not be written"},
+}
+
+
+def create_router(runtime: Runtime) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["admin"])
+
+    @router.get("/status", response_model=StatusOut)
+    async def get_status() -> dict[str, object]:
+        return runtime.status()
+
+    @router.get("/ports", response_model=list[PortOut])
+    async def list_ports() -> list[PortOut]:
+        return [port_out(runtime, listener) for listener in runtime.registry.listeners()]
+
+    @router.get("/ports/{port}", response_model=PortOut, responses={404: ERRORS[404]})
+    async def get_port(port: PortNumber) -> PortOut:
+        return port_out(runtime, runtime.registry.get(port))
+
+    @router.post(
+        "/ports",
+        response_model=PortOut,
+        status_code=201,
+        responses={k: ERRORS[k] for k in (409, 422, 500)},
+    )
+    async def add_port(body: PortIn) -> PortOut:
+        fields = body.model_dump(exclude_none=True)
+        try:
+            settings = PortSettings.model_validate(fields, strict=False)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        listener = await runtime.add_port(settings)
+        return port_out(runtime, listener)
+
+    @router.delete(
+        "/ports/{port}",
+        response_model=PortOut,
+        responses={k: ERRORS[k] for k in (404, 500)},
+    )
+    async def remove_port(
+        port: PortNumber,
+        force: Annotated[bool, Query(description="close connections without a drain")] = False,
+    ) -> PortOut:
+        listener = await runtime.remove_port(port, force=force)
+        return port_out(runtime, listener)
+
+    @router.post("/reload", response_model=ReloadOut, responses={422: ERRORS[422]})
+    async def reload() -> ReloadOut:
+        report = await runtime.reload()
+        return ReloadOut.model_validate(report, from_attributes=True)
+
+    return router
+
+
+def install(app: FastAPI, runtime: Runtime) -> None:
+    """Mount the admin routes and map relayd's errors to HTTP answers."""
+    app.include_router(create_router(runtime))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(422, one_sentence(list(exc.errors())))
+
+    @app.exception_handler(RelaydError)
+    async def relayd_error(request: Request, exc: RelaydError) -> JSONResponse:
+        if isinstance(exc, ListenerNotFound):
+            return _error(404, str(exc))
+        if isinstance(exc, ListenerExists | BindError):
+            return _error(409, str(exc))
+        if isinstance(exc, ConfigError):
+            return _error(422, "the configuration is invalid: " + "; ".join(exc.problems))
+        if isinstance(exc, StateError):
+            return _error(500, str(exc))
+        return _error(500, str(exc))  # pragma: no cover - every RelaydError is mapped above
