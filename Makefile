@@ -34,5 +34,8 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
-clean:
+clean: deb-clean
 	rm -rf $(VENV) .relayd .pytest_cache .mypy_cache .ruff_cache
+
+# Packaging (make deb, make e2e); last, so that `make` alone still means nothing new.
+include packaging/packaging.mk

@@ -1,0 +1,139 @@
+"""Host-side device and WebSocket client for packaging/e2e/run.sh.
+
+Runs in the container's network namespace (``nsenter -t PID -n``) with any
+Python that has the ``websockets`` library (the repository's .venv).
+
+    probe.py accept HOST:PORT...          every port accepts a TCP connection
+    probe.py http URL [STATUS]            GET URL answers STATUS (default 200)
+    probe.py relay WS_URL HOST:PORT TEXT  a line sent by a device reaches a
+                                          WebSocket client subscribed first
+    probe.py drain WS_URL HOST:PORT       subscribe, connect a device, relay a
+                                          line, send a partial line, print
+                                          READY; then (while the daemon is
+                                          stopped) expect the partial line,
+                                          the device closed by the daemon and
+                                          the WebSocket closed with 1001
+
+Exit status 0 when the expectation holds, 1 otherwise, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from websockets.asyncio.client import connect  # websockets >= 13
+from websockets.exceptions import ConnectionClosed
+
+TIMEOUT = 15.0
+
+
+def hostport(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host, int(port)
+
+
+async def accept(targets: list[str]) -> str:
+    for target in targets:
+        host, port = hostport(target)
+        async with asyncio.timeout(5):
+            _, writer = await asyncio.open_connection(host, port)
+        writer.close()
+        await writer.wait_closed()
+    return "accepted on " + " ".join(targets)
+
+
+def http(url: str, status: int) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            got, body = answer.status, answer.read()
+    except urllib.error.HTTPError as error:
+        got, body = error.code, error.read()
+    if got != status:
+        raise AssertionError(f"GET {url}: {got}, expected {status}: {body[:200]!r}")
+    return f"GET {url}: {got} {body[:200].decode(errors='replace')}"
+
+
+async def relay(ws_url: str, device: str, text: str) -> str:
+    async with asyncio.timeout(TIMEOUT), connect(ws_url) as ws:
+        host, port = hostport(device)
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(text.encode() + b"\r\n")
+        await writer.drain()
+        got = await ws.recv()
+        writer.close()
+        await writer.wait_closed()
+    if got != text:
+        raise AssertionError(f"WebSocket got {got!r}, expected {text!r}")
+    return f"device -> {device} -> {ws_url}: {got!r}"
+
+
+async def drain(ws_url: str, device: str) -> str:
+    async with connect(ws_url) as ws:
+        host, port = hostport(device)
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"before-stop\n")
+        await writer.drain()
+        async with asyncio.timeout(TIMEOUT):
+            first = await ws.recv()
+        if first != "before-stop":
+            raise AssertionError(f"WebSocket got {first!r}, expected 'before-stop'")
+        writer.write(b"partial-line-without-newline")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        started = time.monotonic()
+
+        async def device_closed() -> float:
+            await reader.read()  # relayd closes the device after the drain
+            return time.monotonic() - started
+
+        device_task = asyncio.create_task(device_closed())
+        messages: list[str | bytes] = []
+        async with asyncio.timeout(30):
+            try:
+                while True:
+                    messages.append(await ws.recv())
+            except ConnectionClosed:
+                pass
+            closed_ws = time.monotonic() - started
+            closed_dev = await device_task
+        code = ws.close_code
+        writer.close()
+    if messages != ["partial-line-without-newline"]:
+        raise AssertionError(f"messages during the drain: {messages!r}")
+    if code != 1001:
+        raise AssertionError(f"WebSocket closed with {code}, expected 1001")
+    return (
+        f"partial line delivered, device closed by relayd after {closed_dev:.1f} s,"
+        f" WebSocket closed with {code} after {closed_ws:.1f} s"
+    )
+
+
+def main(argv: list[str]) -> int:
+    command, args = argv[0], argv[1:]
+    try:
+        if command == "accept":
+            result = asyncio.run(accept(args))
+        elif command == "http":
+            result = http(args[0], int(args[1]) if len(args) > 1 else 200)
+        elif command == "relay":
+            result = asyncio.run(relay(args[0], args[1], args[2]))
+        elif command == "drain":
+            result = asyncio.run(drain(args[0], args[1]))
+        else:
+            sys.stderr.write(f"probe: unknown command {command}\n")
+            return 2
+    except (AssertionError, OSError, TimeoutError, ConnectionClosed) as error:
+        sys.stderr.write(f"probe {command}: {type(error).__name__}: {error}\n")
+        return 1
+    sys.stdout.write(result + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,374 @@
+#!/usr/bin/env bash
+# shellcheck disable=SC2016 # dpkg-query formats and sh -c scripts are meant literally
+# End-to-end test of the relayd .deb on a booted Debian 13 (trixie) system.
+#
+#   packaging/e2e/run.sh [DEB]     (default: build/deb/relayd_VERSION_all.deb)
+#
+# A cached `mmdebstrap --variant=minbase` trixie root with systemd is booted
+# with `systemd-nspawn -b --register=no --keep-unit --volatile=overlay
+# --private-network` (nothing it writes survives; its own network namespace,
+# so the packaged ports 8000-8003 cannot collide with anything on the host)
+# and driven with `nsenter -t <container PID 1>`. apt runs in the container's
+# file system but the host's network namespace, to fetch Debian 13's
+# python3-fastapi & co.; the device and WebSocket clients run on the host, in
+# the container's network namespace. The container is always torn down.
+#
+# Environment: RELAYD_E2E_PYTHON, a host Python with `websockets` (default:
+# the repository's .venv/bin/python; without one, the container's python3).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+LOG_TAG=e2e
+# shellcheck source=packaging/lib.sh
+. "$here/../lib.sh"
+
+version=$(sed -n '1s/^relayd (\([^)]*\)).*/\1/p' "$repo/debian/changelog")
+deb=$(realpath -e "${1:-$repo/build/deb/relayd_${version}_all.deb}") ||
+	die "no package to test: run 'make deb' first"
+
+need_root
+ensure_host_tools systemd-nspawn:systemd-container mmdebstrap:mmdebstrap nsenter:util-linux
+started=$SECONDS
+root=$(ensure_root trixie-boot minbase systemd,systemd-sysv,dbus,python3)
+archives=$RELAYD_CI_CACHE/apt-archives # downloaded .debs, kept between runs
+mkdir -p "$archives/partial"
+
+work=$(mktemp -d /tmp/relayd-e2e.XXXXXX)
+nspawn_pid='' pid1=''
+
+teardown() {
+	local rc=$?
+	trap - EXIT INT TERM
+	if [ -n "$pid1" ] && kill -0 "$pid1" 2>/dev/null; then
+		if [ "$rc" != 0 ]; then
+			log "journal of relayd.service:"
+			nsenter -t "$pid1" -a journalctl -u relayd --no-pager -n 60 -o short-monotonic >&2 || true
+		fi
+		nsenter -t "$pid1" -a systemctl poweroff --no-block >/dev/null 2>&1 || true
+	fi
+	if [ -n "$nspawn_pid" ]; then
+		for _ in $(seq 100); do
+			kill -0 "$nspawn_pid" 2>/dev/null || break
+			sleep 0.1
+		done
+		if kill -0 "$nspawn_pid" 2>/dev/null; then
+			log "container did not power off in 10 s; killing it"
+			[ -n "$pid1" ] && kill -KILL "$pid1" 2>/dev/null
+			kill -KILL "$nspawn_pid" 2>/dev/null
+		fi
+		wait "$nspawn_pid" 2>/dev/null || true
+	fi
+	rm -rf "$work"
+	exit "$rc"
+}
+trap teardown EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- helpers -----------------------------------------------------------------
+
+# in_ct CMD...: run in the container (all its namespaces), clean environment.
+in_ct() { nsenter -t "$pid1" -a "${CLEAN_ENV[@]}" "$@"; }
+# in_ct_hostnet CMD...: the container's file system, the host's network.
+in_ct_hostnet() { nsenter -t "$pid1" -m -u -i -p -C -r -w "${CLEAN_ENV[@]}" "$@"; }
+# as_user USER CMD...: in the container as USER with USER's groups.
+as_user() { in_ct setpriv --reuid="$1" --regid="$1" --init-groups "${@:2}"; }
+
+# probe ARGS...: packaging/e2e/probe.py on the host, in the container's network.
+python=${RELAYD_E2E_PYTHON:-$repo/.venv/bin/python}
+if [ -x "$python" ] && "$python" -c 'import websockets.asyncio.client' 2>/dev/null; then
+	probe() { nsenter -t "$pid1" -n "$python" "$here/probe.py" "$@"; }
+else
+	log "no host Python with websockets ($python): clients run in the container"
+	probe() { in_ct python3 /mnt/e2e/probe.py "$@"; }
+fi
+
+passed=0 failed=0 failures=()
+# check NAME CMD...: run a check, print its output indented, count it.
+check() {
+	local name=$1 out rc t0=$SECONDS
+	shift
+	set +e
+	out=$(set -e; "$@" 2>&1)
+	rc=$?
+	set -e
+	[ -n "$out" ] && printf '%s\n' "$out" | tail -n 25 | sed 's/^/    /' >&2
+	if [ "$rc" = 0 ]; then
+		passed=$((passed + 1))
+		log "PASS  $name ($((SECONDS - t0)) s)"
+	else
+		failed=$((failed + 1))
+		failures+=("$name")
+		log "FAIL  $name (exit $rc, $((SECONDS - t0)) s)"
+	fi
+	return "$rc"
+}
+# require NAME CMD...: a check the later ones cannot do without.
+require() { check "$@" || { summary; exit 1; }; }
+summary() {
+	log "relayd $version on Debian 13: ${#failures[@]} failed: ${failures[*]:-none}"
+	log "total $((SECONDS - started)) s"
+	echo "e2e: $passed passed, $failed failed"
+}
+
+# --- the checks --------------------------------------------------------------
+
+# start_container: boot the root in the background (in this shell, so the
+# teardown knows the PIDs) and find the container's PID 1.
+start_container() {
+	systemd-nspawn -b --register=no --keep-unit --volatile=overlay --private-network \
+		--machine="relayd-e2e-$$" -D "$root" --console=read-only \
+		--bind="$archives:/var/cache/apt/archives" \
+		--bind-ro="$(dirname "$deb"):/mnt/deb" --bind-ro="$here:/mnt/e2e" \
+		</dev/null >"$work/console.log" 2>&1 &
+	nspawn_pid=$!
+	local pid
+	for _ in $(seq 100); do
+		pid=$(ps -o pid= --ppid "$nspawn_pid" | tr -d ' ' | head -n1)
+		if [ -n "$pid" ] && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = systemd ]; then
+			pid1=$pid
+			return 0
+		fi
+		kill -0 "$nspawn_pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	return 1
+}
+
+booted() {
+	[ -n "$pid1" ] || { echo "no container PID 1"; cat "$work/console.log"; return 1; }
+	local state=
+	for _ in $(seq 300); do # PID 1's bus appears after a moment
+		state=$(nsenter -t "$pid1" -a systemctl is-system-running 2>/dev/null) || true
+		[ -n "$state" ] && break
+		sleep 0.2
+	done
+	state=$(timeout 90 nsenter -t "$pid1" -a systemctl is-system-running --wait) || true
+	echo "container PID 1 is $pid1, system $state"
+	case $state in
+	running) ;;
+	degraded) in_ct systemctl --failed --no-pager ;;
+	*) tail -n 30 "$work/console.log"; return 1 ;;
+	esac
+}
+
+install_deb() {
+	# The archive cache is shared with concurrent runs: one apt at a time
+	# (this runs in a subshell, which releases the lock when it ends).
+	exec 8>"$archives/.lock"
+	flock 8
+	in_ct_hostnet apt-get -o Acquire::Retries=3 update -qq
+	in_ct_hostnet apt-get -o Acquire::Retries=3 install -y -q "/mnt/deb/$(basename "$deb")" | grep -E '^(Setting up|Unpacking) ' | tail -n 5
+	in_ct dpkg-query -W python3-fastapi python3-starlette python3-uvicorn python3-typer \
+		python3-sdnotify python3-pydantic python3-websockets python3-httpx python3-prometheus-client
+}
+
+is_active() {
+	local state
+	for _ in $(seq 60); do
+		state=$(in_ct systemctl is-active relayd) || true
+		[ "$state" = active ] && break
+		sleep 0.5
+	done
+	in_ct systemctl status relayd --no-pager -n 5 || true
+	[ "$state" = active ]
+}
+
+unit_properties() {
+	local props want
+	props=$(in_ct systemctl show relayd -p Type -p User -p Group -p WatchdogUSec \
+		-p TimeoutStopUSec -p LimitNOFILE -p UnitFileState -p StatusText)
+	printf '%s\n' "$props"
+	for want in Type=notify-reload User=relayd Group=relayd WatchdogUSec=30s \
+		TimeoutStopUSec=20s LimitNOFILE=65536 UnitFileState=enabled; do
+		grep -qx "$want" <<<"$props" || { echo "expected $want"; return 1; }
+	done
+}
+
+admin_socket_mode() {
+	local run sock
+	run=$(in_ct stat -c '%a %U %G' /run/relayd)
+	sock=$(in_ct stat -c '%a %U %G %F' /run/relayd/admin.sock)
+	echo "/run/relayd: $run; admin.sock: $sock"
+	[ "$run" = "750 relayd relayd" ] && [ "$sock" = "660 relayd relayd socket" ]
+}
+
+default_listeners() {
+	probe accept 127.0.0.1:8000 127.0.0.1:8001 127.0.0.1:8002 127.0.0.1:8003
+	probe http http://127.0.0.1:8000/healthz
+	probe http http://127.0.0.1:8000/readyz
+	probe http http://127.0.0.1:8000/metrics | cut -c1-100
+}
+
+check_config() {
+	in_ct relayd --check-config --config /etc/relayd/relayd.toml
+	echo "shipped config: valid"
+	in_ct sh -c 'printf "[http]\nport = \"x\"\nbogus = 1\n" > /tmp/bad.toml'
+	local rc=0 out
+	out=$(in_ct relayd --check-config --config /tmp/bad.toml 2>&1) || rc=$?
+	printf 'invalid config: exit %s: %s\n' "$rc" "$out"
+	[ "$rc" = 78 ] && ! grep -q Traceback <<<"$out"
+}
+
+conffile() {
+	local conffiles
+	conffiles=$(in_ct dpkg-query -W -f='${Conffiles}\n' relayd)
+	echo "Conffiles:$conffiles"
+	grep -Eq '^ /etc/relayd/relayd.toml [0-9a-f]{32}$' <<<"$conffiles"
+}
+
+relayctl_status() { in_ct relayctl status; }
+
+ports_add() {
+	in_ct relayctl ports add 18004 --name e2e-device
+	in_ct relayctl ports show 18004 --json
+	in_ct relayctl ports list
+}
+
+relay_18004() { probe relay 'ws://127.0.0.1:8000/ws?port=18004' 127.0.0.1:18004 "hello from e2e $1"; }
+
+main_pid() { in_ct systemctl show -p MainPID --value relayd; }
+
+reload_keeps_pid() {
+	local before after
+	before=$(main_pid)
+	in_ct sh -c 'printf "\n[[ports]]\nport = 18005\nname = \"added-by-reload\"\n" >> /etc/relayd/relayd.toml'
+	in_ct timeout 30 systemctl reload relayd
+	after=$(main_pid)
+	echo "MainPID before reload $before, after $after"
+	[ "$before" = "$after" ] || return 1
+	in_ct relayctl ports show 18005 --json
+	probe accept 127.0.0.1:18005 127.0.0.1:18004
+	relay_18004 after-reload
+}
+
+restart_keeps_port() {
+	local before after
+	before=$(main_pid)
+	in_ct timeout 60 systemctl restart relayd
+	after=$(main_pid)
+	echo "MainPID before restart $before, after $after"
+	[ "$before" != "$after" ] || return 1
+	in_ct stat -c '%n: %a %U %G' /var/lib/relayd /var/lib/relayd/ports.json
+	in_ct relayctl ports show 18004 --json
+	relay_18004 after-restart
+}
+
+watchdog() {
+	# WatchdogSec=2s for a moment: relayd must keep pinging from its loop.
+	in_ct mkdir -p /run/systemd/system/relayd.service.d
+	in_ct sh -c 'printf "[Service]\nWatchdogSec=2s\n" > /run/systemd/system/relayd.service.d/e2e-watchdog.conf'
+	in_ct systemctl daemon-reload
+	in_ct timeout 60 systemctl restart relayd
+	local props before after
+	before=$(main_pid)
+	sleep 5
+	after=$(main_pid)
+	props=$(in_ct systemctl show relayd -p ActiveState -p NRestarts -p WatchdogUSec -p WatchdogTimestampMonotonic)
+	printf '%s\n' "$props"
+	echo "MainPID $before, 5 s later $after"
+	[ "$before" = "$after" ] || return 1
+	in_ct rm -r /run/systemd/system/relayd.service.d
+	in_ct systemctl daemon-reload
+	in_ct timeout 60 systemctl restart relayd
+	grep -qx ActiveState=active <<<"$props" && grep -qx NRestarts=0 <<<"$props" &&
+		grep -qx WatchdogUSec=2s <<<"$props" && ! grep -qx WatchdogTimestampMonotonic=0 <<<"$props"
+}
+
+group_member() {
+	in_ct useradd --no-create-home --groups relayd alice
+	as_user alice id
+	as_user alice relayctl status
+}
+
+non_member() {
+	in_ct useradd --no-create-home bob
+	local rc=0 out
+	out=$(as_user bob relayctl status 2>&1) || rc=$?
+	printf 'bob: exit %s: %s\n' "$rc" "$out"
+	[ "$rc" = 69 ] && grep -q 'are you in the relayd group?' <<<"$out" && ! grep -q Traceback <<<"$out"
+}
+
+security_live() {
+	local out exposure
+	out=$(in_ct systemd-analyze security --no-pager relayd 2>&1) || true
+	grep -E '^(✗|→)' <<<"$out" || printf '%s\n' "$out"
+	exposure=$(sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p' <<<"$out")
+	[ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }'
+}
+
+stop_drains() {
+	# A device stays connected with a partial line and a WebSocket client
+	# listens: stop must relay the partial line, close both, and be done
+	# within drain.timeout (5 s) + 3 s.
+	probe drain 'ws://127.0.0.1:8000/ws?port=8001' 127.0.0.1:8001 >"$work/drain.out" 2>&1 &
+	local probe_pid=$! t0 t1 elapsed rc=0
+	for _ in $(seq 100); do
+		grep -q READY "$work/drain.out" && break
+		kill -0 "$probe_pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	grep -q READY "$work/drain.out" || { cat "$work/drain.out"; kill "$probe_pid" 2>/dev/null; return 1; }
+	t0=$(date +%s.%N)
+	in_ct timeout 30 systemctl stop relayd || rc=$?
+	t1=$(date +%s.%N)
+	wait "$probe_pid" || rc=$?
+	grep -v READY "$work/drain.out" || true
+	elapsed=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')
+	in_ct systemctl show relayd -p Result -p ExecMainCode -p ExecMainStatus -p ActiveState
+	echo "systemctl stop took $elapsed s (limit: drain.timeout 5 s + 3 s)"
+	[ "$rc" = 0 ] || return 1
+	[ "$(in_ct systemctl show -p Result --value relayd)" = success ] &&
+		awk -v e="$elapsed" 'BEGIN { exit !(e <= 8.0) }'
+}
+
+no_traceback_in_journal() {
+	local n
+	n=$(in_ct journalctl -u relayd --no-pager -o cat | grep -c Traceback) || true
+	echo "tracebacks in the journal of relayd.service: $n"
+	[ "$n" = 0 ]
+}
+
+purge_leaves_nothing() {
+	in_ct apt-get purge -y -q relayd | grep -E '^(Removing|Purging) ' || true
+	local left=() path status
+	status=$(in_ct dpkg-query -W -f='${db:Status-Abbrev}' relayd 2>/dev/null) || true
+	[ -z "$status" ] || [ "$status" = "un " ] || left+=("dpkg status '$status'")
+	for path in /etc/relayd /var/lib/relayd /run/relayd /usr/bin/relayd /usr/bin/relayctl \
+		/usr/lib/python3/dist-packages/relayd /usr/lib/systemd/system/relayd.service \
+		/etc/systemd/system/multi-user.target.wants/relayd.service \
+		/usr/lib/sysusers.d/relayd.conf /usr/share/man/man8/relayd.8.gz \
+		/var/lib/systemd/deb-systemd-helper-enabled/relayd.service.dsh-also; do
+		in_ct test ! -e "$path" || left+=("$path")
+	done
+	if in_ct systemctl cat relayd.service >/dev/null 2>&1; then left+=("relayd.service still loadable"); fi
+	echo "user and group relayd kept by design: $(in_ct getent group relayd || echo none)"
+	[ ${#left[@]} = 0 ] || { echo "left behind: ${left[*]}"; return 1; }
+	echo "nothing left behind"
+}
+
+log "testing $deb in $root"
+start_container || true
+require "boot Debian 13 under systemd-nspawn" booted
+require "apt-get install ./$(basename "$deb")" install_deb
+require "systemctl is-active relayd" is_active
+check "unit: notify-reload, relayd user, watchdog, stop timeout, enabled" unit_properties
+check "/run/relayd 0750 and admin.sock 0660, group relayd" admin_socket_mode
+check "default listeners 8001-8003 and HTTP 8000 accept" default_listeners
+check "relayd --check-config: shipped config 0, bad config 78" check_config
+check "/etc/relayd/relayd.toml is a conffile" conffile
+check "relayctl status" relayctl_status
+check "relayctl ports add 18004" ports_add
+check "host device -> 18004 -> host WebSocket client" relay_18004 first
+check "systemctl reload: same PID, new config applied" reload_keeps_pid
+check "systemctl restart keeps runtime port 18004" restart_keeps_port
+check "watchdog: pings keep the service up at WatchdogSec=2s" watchdog
+check "member of group relayd can use relayctl" group_member
+check "non-member refused with exit 69 and a hint, no traceback" non_member
+check "systemd-analyze security relayd (live) <= 2.0" security_live
+check "systemctl stop drains: Result=success within 8 s" stop_drains
+check "no Python traceback in the journal" no_traceback_in_journal
+check "apt-get purge relayd leaves nothing behind" purge_leaves_nothing
+summary
+[ "$failed" = 0 ]
