@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from typing import Any
 
 from fastapi import APIRouter, WebSocket
@@ -69,21 +68,25 @@ async def subscribe(websocket: WebSocket) -> None:
         return
     sink.attach(subscription)
     runtime.status_changed()
-    message: Mapping[str, Any] = {}
+    where = "all ports" if ports is None else "ports " + ",".join(map(str, ports))
+    detached = False
     try:
         await websocket.accept()
         logger.info(
-            "websocket client %s subscribed to %s%s",
-            peer,
-            "all ports" if ports is None else "ports " + ",".join(map(str, ports)),
-            " (json)" if envelope else "",
+            "websocket client %s subscribed to %s%s", peer, where, " (json)" if envelope else ""
         )
-        while True:  # messages from clients are ignored in v1
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
+
+        def closed(code: int) -> None:
+            runtime.hub.unsubscribe(subscription)
+            runtime.status_changed()
+            extra = f", {subscription.dropped} message(s) dropped" if subscription.dropped else ""
+            logger.info("websocket client %s closed (code %s)%s", peer, code, extra)
+
+        # From here the connection needs no task: the hub writes to it directly, and
+        # messages from clients are ignored in v1. closed() runs when it ends.
+        sink.detach(closed)
+        detached = True
     finally:
-        runtime.hub.unsubscribe(subscription)
-        runtime.status_changed()
-    extra = f", {subscription.dropped} message(s) dropped" if subscription.dropped else ""
-    logger.info("websocket client %s closed (code %s)%s", peer, message.get("code", 1006), extra)
+        if not detached:
+            runtime.hub.unsubscribe(subscription)
+            runtime.status_changed()

@@ -16,13 +16,14 @@ import asyncio
 import collections
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
 
 from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
@@ -50,6 +51,31 @@ def _addr(info: Any) -> tuple[str, int] | None:
 
 
 class RelayWebSocketProtocol(asyncio.Protocol):
+    __slots__ = (
+        "accepted",
+        "app",
+        "app_state",
+        "close_sent",
+        "conn",
+        "connections",
+        "deflate",
+        "disconnected",
+        "inbox",
+        "loop",
+        "on_close",
+        "paused",
+        "ping_interval",
+        "ping_timeout",
+        "read_paused",
+        "response",
+        "scope",
+        "subscription",
+        "tasks",
+        "timer",
+        "transport",
+        "waiter",
+    )
+
     def __init__(
         self,
         config: Config,
@@ -81,6 +107,8 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.scope: dict[str, Any] = {}
         self.subscription: Subscription | None = None
+        self.on_close: Callable[[int], None] | None = None  # set by detach()
+        self.response: Response | None = None
         self.accepted = False
         self.close_sent = False
         self.disconnected = False
@@ -123,6 +151,9 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self._deliver({"type": "websocket.disconnect", "code": code})
         if self.subscription is not None:
             self.subscription.closed = True
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close(code)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -147,6 +178,22 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.subscription = subscription
         if self.paused:
             subscription.pause()
+
+    def detach(self, on_close: Callable[[int], None]) -> None:
+        """The handler is done: the connection lives on without its ASGI task.
+
+        An idle client then costs its transport, this object and its
+        subscription, not a coroutine stack through every middleware.
+        Messages from the client are discarded from now on; ``on_close``
+        runs once with the close code when the connection ends.
+        """
+        self.scope = {}
+        self.response = None
+        self.inbox.clear()
+        if self.disconnected:
+            on_close(self.conn.close_code if self.conn.close_code is not None else 1006)
+        else:
+            self.on_close = on_close
 
     def send_frames(self, frames: list[bytes]) -> None:
         if self.close_sent or self.disconnected:
@@ -222,8 +269,8 @@ class RelayWebSocketProtocol(asyncio.Protocol):
     def _handle_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if self.close_sent or not frame.fin:
-                return  # fragmented client messages are ignored as a whole
+            if self.close_sent or not frame.fin or self.on_close is not None:
+                return  # ignored: fragmented, closing, or nobody reads them (detached)
             if opcode is Opcode.TEXT:
                 self._deliver({"type": "websocket.receive", "text": bytes(frame.data).decode()})
             else:
@@ -303,7 +350,9 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 self.accepted = True
                 if self.disconnected:
                     return
+                assert self.response is not None
                 self.conn.send_response(self.response)
+                self.response = None
                 self.deflate = bool(self.conn.extensions)
                 self._write_pending()
                 self._schedule_ping()
@@ -339,7 +388,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 self.close(1011, "internal error")
         if not self.accepted:
             self.transport.close()
-        elif not self.close_sent and not self.disconnected:
+        elif self.on_close is None and not self.close_sent and not self.disconnected:
             self.close(1000, "")
 
 

@@ -1266,6 +1266,14 @@ def test_no_colour_even_on_a_terminal(fake: FakeRelayd, args: list[str]) -> None
 
 
 def test_installed_relayctl_completion() -> None:
-    proc = relayctl("--show-completion", "bash", env={"SHELL": "/bin/bash"})
-    assert proc.returncode == 0
+    # typer detects the shell from the parent process: run it from a bash that does not
+    # exec it away (under make, the parent would otherwise be sh, which typer does not know).
+    proc = subprocess.run(
+        ["bash", "-c", '"$0" --show-completion; exit $?', str(RELAYCTL)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
     assert "_RELAYCTL_COMPLETE" in proc.stdout
