@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest bench clean
+.PHONY: run test lint typecheck pytest clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -37,5 +37,8 @@ test: lint typecheck pytest
 clean: deb-clean
 	rm -rf $(VENV) .relayd .pytest_cache .mypy_cache .ruff_cache
 
-# Packaging (make deb, make e2e); last, so that `make` alone still means nothing new.
+# Packaging (make deb, make e2e) and benchmarks (make bench); last, so that `make`
+# alone still means nothing new.
 include packaging/packaging.mk
+include bench/bench.mk
+bench-deps: $(STAMP)

@@ -33,11 +33,19 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TRY_AGAIN_LATER = 1013
 
 
+# The 2-byte headers of short frames, by opcode and payload length: most line
+# messages are short, and a table lookup is the cheapest header there is.
+_SHORT_HEADERS = {
+    opcode: tuple(bytes((0x80 | opcode, n)) for n in range(126)) for opcode in (OP_TEXT, OP_BINARY)
+}
+_TEXT_HEADERS = _SHORT_HEADERS[OP_TEXT]
+
+
 def encode_frame(payload: bytes, opcode: int) -> bytes:
     """One unmasked, unfragmented server-to-client frame (RFC 6455 §5.2)."""
     n = len(payload)
     if n < 126:
-        return bytes((0x80 | opcode, n)) + payload
+        return _SHORT_HEADERS[opcode][n] + payload
     if n < 65536:
         return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
     return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
@@ -233,7 +241,11 @@ class Hub:
         dirty = self._dirty
         if bare:
             if all_text:
-                frames = [encode_frame(m, OP_TEXT) for m in messages]
+                headers = _TEXT_HEADERS
+                frames = [
+                    headers[len(m)] + m if len(m) < 126 else encode_frame(m, OP_TEXT)
+                    for m in messages
+                ]
             else:
                 frames = [encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for m in messages]
             for sub in bare:

@@ -1,0 +1,418 @@
+"""The five scenarios of issue 6. Each takes a running relay and returns one flat dict."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from bench import loadgen as lg
+from bench.procstat import Sampler, Window, fd_count, rss_kib
+
+
+@dataclass
+class Relay:
+    """A relay under test, as the runner started it."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    host: str
+    ws_port: int
+    tcp_port: int
+    core: int | None = None  # the core the relay is pinned to
+    gen_core: int | None = None  # the generator's
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def window(self) -> Window:
+        return Window(self.pid, relay_core=self.core, gen_core=self.gen_core)
+
+
+@dataclass(frozen=True)
+class Params:
+    line_len: int = 64
+    warmup: float = 2.0
+    throughput_s: float = 10.0
+    fanout_devices: int = 10
+    fanout_rate: float = 200.0  # lines/s per device
+    fanout_s: float = 10.0
+    fanout_clients: tuple[int, ...] = (50, 200)
+    poll_from: int = 100  # from this many clients on, consumers are polled (see loadgen.Poller)
+    poll_period: float = 0.002
+    slow_healthy: int = 20
+    slow_base_s: float = 10.0
+    slow_s: float = 20.0
+    slow_rcvbuf: int = 4096
+    slow_fill_lines: int = 100_000  # ~6.5 MB: more than the kernel buffers towards one client
+    slow_fill_timeout: float = 10.0  # a relay that blocks on the slow client never takes it all
+    idle_devices: int = 1000
+    idle_clients: int = 1000
+    drain_devices: int = 4
+    drain_rate: float = 5000.0  # lines/s, all devices together
+    drain_clients: int = 10
+    drain_before_s: float = 3.0
+    drain_linger_s: float = 1.0  # devices keep streaming this long after SIGTERM
+    drain_timeout: float = 5.0  # the relay's drain.timeout
+
+    def quick(self) -> Params:
+        return replace(
+            self,
+            warmup=0.5,
+            throughput_s=2.0,
+            fanout_s=2.0,
+            fanout_clients=(10, 40),
+            slow_healthy=5,
+            slow_base_s=2.0,
+            slow_s=3.0,
+            idle_devices=100,
+            idle_clients=100,
+            drain_clients=3,
+            drain_before_s=1.0,
+            drain_linger_s=0.5,
+            slow_fill_timeout=2.0,
+        )
+
+
+@dataclass
+class Hooks:
+    """Called by a scenario when its measurement window opens (for the profiler)."""
+
+    window_open: Callable[[Relay, str, float], Awaitable[None]] | None = None
+
+    async def opened(self, relay: Relay, scenario: str, seconds: float) -> None:
+        if self.window_open is not None:
+            await self.window_open(relay, scenario, seconds)
+
+
+async def throughput(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """One device as fast as the relay takes it, one client."""
+    lat = lg.Latency()
+    fmt = lg.line_format(P.line_len)
+    cons = await lg.connect_consumers(1, lat, 1, P.line_len, r.host, r.ws_port)
+    [prod] = await lg.connect_producers(1, fmt, r.host, r.tcp_port)
+    sampler = Sampler(r.pid)
+    sampler.start()
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(lg.blast(prod, time.monotonic() + P.warmup + P.throughput_s))
+    await asyncio.sleep(P.warmup)
+    await hooks.opened(r, "throughput", P.throughput_s)
+    win = r.window()
+    win.open()
+    c0 = lg.totals(cons)
+    lat.on = True
+    await asyncio.sleep(P.throughput_s)
+    lat.on = False
+    c1 = lg.totals(cons)
+    win.close()
+    await task
+    settled = await lg.drained(cons, prod.seq, timeout=60.0)
+    await sampler.stop()
+    loss = lg.loss(cons, prod.seq)
+    for c in cons:
+        c.close()
+    prod.close()
+    return {
+        "lines_per_s": round((c1 - c0) / win.seconds),
+        "sent": prod.seq,
+        "lost": loss.lost,
+        "dups": loss.dups,
+        "bad": loss.bad,
+        "lines_per_frame": round(loss.lines / loss.frames, 2) if loss.frames else None,
+        "settled": settled,
+        **lat.summary(),
+        "relay_cpu_pct": round(win.relay_cpu_pct, 1),
+        "gen_cpu_pct": round(win.gen_cpu_pct, 1),
+        "rss_max_kib": sampler.rss_max(),
+        **win.noise(),
+    }
+
+
+async def fanout(r: Relay, P: Params, hooks: Hooks, clients: int) -> dict[str, Any]:
+    """fanout_devices devices at fanout_rate lines/s each, `clients` clients."""
+    lat = lg.Latency()
+    fmt = lg.line_format(P.line_len)
+    nd = P.fanout_devices
+    poller = lg.Poller(P.poll_period) if clients >= P.poll_from else None
+    if poller is not None:
+        poller.start()
+    cons = await lg.connect_consumers(
+        clients, lat, nd, P.line_len, r.host, r.ws_port, poller=poller
+    )
+    prods = await lg.connect_producers(nd, fmt, r.host, r.tcp_port)
+    sampler = Sampler(r.pid)
+    sampler.start()
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(lg.run_paced(prods, P.fanout_rate, P.warmup + P.fanout_s))
+    await asyncio.sleep(P.warmup)
+    await hooks.opened(r, f"fanout{clients}", P.fanout_s)
+    win = r.window()
+    win.open()
+    c0 = lg.totals(cons)
+    lat.on = True
+    await asyncio.sleep(P.fanout_s)
+    lat.on = False
+    c1 = lg.totals(cons)
+    win.close()
+    await task
+    sent = sum(p.seq for p in prods)
+    settled = await lg.drained(cons, sent, timeout=30.0)
+    await sampler.stop()
+    loss = lg.loss(cons, sent)
+    for c in cons:
+        c.close()
+    for p in prods:
+        p.close()
+    if poller is not None:
+        await poller.stop()
+    return {
+        "clients": clients,
+        "consumers": f"polled every {P.poll_period * 1000:g} ms" if poller else "event-driven",
+        "delivered_per_s": round((c1 - c0) / win.seconds),
+        "expected_per_s": round(clients * nd * P.fanout_rate),
+        "sent": sent,
+        "lost": loss.lost,
+        "dups": loss.dups,
+        "bad": loss.bad,
+        "settled": settled,
+        **lat.summary(),
+        "relay_cpu_pct": round(win.relay_cpu_pct, 1),
+        "gen_cpu_pct": round(win.gen_cpu_pct, 1),
+        "rss_max_kib": sampler.rss_max(),
+        **win.noise(),
+    }
+
+
+async def slow_client(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """Healthy clients with and without one client that connects and never reads.
+
+    Before phase B is measured, a burst from extra devices fills the kernel's
+    buffers towards the slow client (several MB on loopback) and the relay's
+    queue for it, so that the 20 s window shows what the relay itself keeps.
+    """
+    fmt = lg.line_format(P.line_len)
+    nd = P.fanout_devices
+    lat_a, lat_b = lg.Latency(), lg.Latency()
+    npr = nd + 1  # the paced devices and the burst device
+    cons = await lg.connect_consumers(P.slow_healthy, lat_a, npr, P.line_len, r.host, r.ws_port)
+    prods = await lg.connect_producers(nd, fmt, r.host, r.tcp_port)
+    [filler] = await lg.connect_producers(1, fmt, r.host, r.tcp_port, first_id=nd)
+    sampler = Sampler(r.pid, interval=0.5)
+    loop = asyncio.get_running_loop()
+    total = P.warmup + P.slow_base_s + P.slow_s + 60.0  # the burst may take a while
+    task = loop.create_task(lg.run_paced(prods, P.fanout_rate, total))
+    await asyncio.sleep(P.warmup)
+
+    # phase A: healthy clients only
+    win_a = r.window()
+    win_a.open()
+    a0 = lg.totals(cons)
+    lat_a.on = True
+    await asyncio.sleep(P.slow_base_s)
+    lat_a.on = False
+    a1 = lg.totals(cons)
+    win_a.close()
+
+    # phase B: one more client that never reads (small receive buffer, reading paused)
+    [slow] = await lg.connect_consumers(
+        1, lg.Latency(), npr, P.line_len, r.host, r.ws_port, rcvbuf=P.slow_rcvbuf
+    )
+    assert slow.transport is not None
+    slow.transport.pause_reading()
+    t_fill = time.monotonic()
+    await lg.burst(filler, P.slow_fill_lines, t_fill + P.slow_fill_timeout)
+    filled = await lg.caught_up(cons, nd, filler.seq - 1, P.slow_fill_timeout)
+    fill_s = time.monotonic() - t_fill
+    for c in cons:
+        c.lat = lat_b
+    sampler.start()
+    rss0 = sampler.sample().rss
+    win_b = r.window()
+    win_b.open()
+    b0 = lg.totals(cons)
+    lat_b.on = True
+    await asyncio.sleep(P.slow_s / 2)
+    rss_mid = sampler.sample().rss
+    await asyncio.sleep(P.slow_s / 2)
+    lat_b.on = False
+    b1 = lg.totals(cons)
+    win_b.close()
+    rss1 = sampler.sample().rss
+    await sampler.stop()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    sent = sum(p.seq for p in prods) + filler.seq
+    settled = await lg.drained(cons, sent, timeout=30.0)
+    loss = lg.loss(cons, sent)
+    slow_alive = not slow.closed.done()
+    slow.transport.abort()
+    for c in cons:
+        c.close()
+    for p in [*prods, filler]:
+        p.close()
+    rate_a = (a1 - a0) / win_a.seconds
+    rate_b = (b1 - b0) / win_b.seconds
+    sa, sb = lat_a.summary(), lat_b.summary()
+    p99a, p99b = sa["p99_ms"], sb["p99_ms"]
+    return {
+        "healthy": P.slow_healthy,
+        "base_per_s": round(rate_a),
+        "slow_per_s": round(rate_b),
+        "healthy_ratio": round(rate_b / rate_a, 4) if rate_a else None,
+        "p99_base_ms": p99a,
+        "p99_slow_ms": p99b,
+        "p99_ratio": round(p99b / p99a, 2) if p99a and p99b else None,
+        "max_slow_ms": sb["max_ms"],
+        "healthy_lost": loss.lost,
+        "settled": settled,
+        "fill_lines": filler.seq,
+        "fill_s": round(fill_s, 2),
+        "fill_reached_healthy": filled,
+        "rss_start_kib": rss0,
+        "rss_mid_kib": rss_mid,
+        "rss_end_kib": rss1,
+        "rss_growth_kib": rss1 - rss0,
+        "rss_growth_2nd_half_kib": rss1 - rss_mid,
+        "slow_client_still_connected": slow_alive,
+        "relay_cpu_pct_base": round(win_a.relay_cpu_pct, 1),
+        "relay_cpu_pct_slow": round(win_b.relay_cpu_pct, 1),
+        "gen_cpu_pct": round(win_b.gen_cpu_pct, 1),
+        **win_b.noise(),
+    }
+
+
+async def _wait_fds(pid: int, want: int, timeout: float) -> int:
+    """Poll /proc/<pid>/fd until the relay holds `want` descriptors (accept() is invisible)."""
+    deadline = time.monotonic() + timeout
+    n = fd_count(pid)
+    while n < want and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        n = fd_count(pid)
+    return n
+
+
+async def _settled_rss(pid: int, timeout: float = 8.0) -> int:
+    """RSS once two samples 0.5 s apart agree within 32 KiB (after at least 1 s)."""
+    await asyncio.sleep(1.0)
+    prev = rss_kib(pid)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        cur = rss_kib(pid)
+        if abs(cur - prev) <= 32:
+            return cur
+        prev = cur
+    return prev
+
+
+async def idle(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """RSS per idle device connection and per idle WebSocket client."""
+    fmt = lg.line_format(P.line_len)
+    lat = lg.Latency()
+    # warm the relay's code paths once
+    warm = await lg.connect_consumers(1, lat, 1, P.line_len, r.host, r.ws_port)
+    [wp] = await lg.connect_producers(1, fmt, r.host, r.tcp_port)
+    wp.send(20)
+    await lg.drained(warm, 20, timeout=10.0)
+    rss0 = await _settled_rss(r.pid)
+    fd0 = fd_count(r.pid)
+
+    devices = await lg.connect_producers(P.idle_devices, fmt, r.host, r.tcp_port, first_id=1)
+    fd1 = await _wait_fds(r.pid, fd0 + P.idle_devices, 30.0)
+    rss1 = await _settled_rss(r.pid)
+
+    clients = await lg.connect_consumers(
+        P.idle_clients, lat, 1, P.line_len, r.host, r.ws_port, parallel=100, timeout=120.0
+    )
+    fd2 = await _wait_fds(r.pid, fd1 + P.idle_clients, 30.0)
+    rss2 = await _settled_rss(r.pid)
+    devices_alive = sum(p.alive for p in devices)
+    clients_alive = sum(not c.closed.done() for c in clients)
+    for c in [*warm, *clients]:
+        c.close()
+    for p in [wp, *devices]:
+        p.close()
+    return {
+        "devices": P.idle_devices,
+        "clients": P.idle_clients,
+        "rss_base_kib": rss0,
+        "rss_devices_kib": rss1,
+        "rss_clients_kib": rss2,
+        "kib_per_device": round((rss1 - rss0) / P.idle_devices, 2),
+        "kib_per_client": round((rss2 - rss1) / P.idle_clients, 2),
+        "fds_accepted_devices": fd1 - fd0,
+        "fds_accepted_clients": fd2 - fd1,
+        "devices_alive": devices_alive,
+        "clients_alive": clients_alive,
+    }
+
+
+async def drain(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """Devices streaming, SIGTERM: what reached every client, close code, time to exit."""
+    fmt = lg.line_format(P.line_len)
+    nd = P.drain_devices
+    lat = lg.Latency()
+    cons = await lg.connect_consumers(P.drain_clients, lat, nd, P.line_len, r.host, r.ws_port)
+    prods = await lg.connect_producers(nd, fmt, r.host, r.tcp_port)
+    loop = asyncio.get_running_loop()
+    task = loop.create_task(
+        lg.run_paced(prods, P.drain_rate / nd, P.drain_before_s + P.drain_linger_s)
+    )
+    await asyncio.sleep(P.drain_before_s)
+    cutoffs = [p.seq for p in prods]
+    t_sig = time.monotonic()
+    os.kill(r.pid, signal.SIGTERM)
+    await task
+    sent_total = [p.seq for p in prods]
+    for p in prods:
+        p.close()
+    exit_rc: int | None
+    try:
+        exit_rc = await asyncio.wait_for(r.proc.wait(), P.drain_timeout + 10.0)
+        exit_s: float | None = round(time.monotonic() - t_sig, 3)
+    except TimeoutError:
+        exit_rc, exit_s = None, None
+    pending = [c.closed for c in cons if not c.closed.done()]
+    if pending:
+        await asyncio.wait(pending, timeout=3.0)
+    pre = sum(cutoffs)
+    shares = [sum(c.delivered_below(i, cutoffs[i]) for i in range(nd)) / pre for c in cons]
+    post = sum(sent_total) - pre
+    post_shares = [
+        (sum(c.delivered_below(i, sent_total[i]) for i in range(nd)) - s * pre) / post
+        for c, s in zip(cons, shares, strict=True)
+        if post
+    ]
+    codes = Counter(str(c.close_code) for c in cons)
+    for c in cons:
+        c.close()
+    return {
+        "clients": P.drain_clients,
+        "sent_before_sigterm": pre,
+        "share_min": round(min(shares), 5),
+        "share_mean": round(sum(shares) / len(shares), 5),
+        "sent_after_sigterm": post,
+        "after_share_min": round(min(post_shares), 4) if post_shares else None,
+        "close_codes": dict(codes),
+        "close_1001": codes.get("1001", 0) == len(cons),
+        "exit_s": exit_s,
+        "exit_rc": exit_rc,
+    }
+
+
+SCENARIOS: dict[str, Callable[[Relay, Params, Hooks], Awaitable[dict[str, Any]]]] = {
+    "throughput": throughput,
+    "fanout50": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0]),
+    "fanout200": lambda r, P, h: fanout(r, P, h, P.fanout_clients[1]),
+    "slow": slow_client,
+    "idle": idle,
+    "drain": drain,
+}
