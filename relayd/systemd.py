@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import time
 
 import sdnotify
@@ -19,17 +20,32 @@ logger = logging.getLogger(__name__)
 class Notifier:
     def __init__(self) -> None:
         self._enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        # sdnotify resolves and connects $NOTIFY_SOCKET (abstract names too); its own
+        # notify() would block the event loop on a full queue, so relayd sends
+        # through the socket itself, without blocking: a service manager that does
+        # not read costs notifications, never the relay.
         self._sd = sdnotify.SystemdNotifier() if self._enabled else None
+        self._sock: socket.socket | None = getattr(self._sd, "socket", None)
+        if self._sock is not None:
+            self._sock.setblocking(False)
         self._status = ""
+        self.dropped = 0
 
     def _send(self, message: str) -> None:
-        if self._sd is None:
+        if self._sock is None:
             return
         try:
-            # sdnotify encodes latin-1 and drops anything else silently: keep it ASCII.
-            self._sd.notify(message.encode("ascii", "replace").decode("ascii"))
-        except Exception:  # pragma: no cover - sdnotify swallows most errors itself
-            logger.debug("sd_notify failed", exc_info=True)
+            # STATUS= text comes from relayd and the config: keep it ASCII.
+            self._sock.send(message.encode("ascii", "replace"))
+        except BlockingIOError:
+            self.dropped += 1
+            if self.dropped == 1:
+                logger.warning(
+                    "the service manager is not reading notifications: dropped %s",
+                    message.split("\n", 1)[0],
+                )
+        except OSError as exc:
+            logger.debug("sd_notify failed: %s", exc)
 
     def ready(self) -> None:
         self._send("READY=1")
@@ -48,6 +64,12 @@ class Notifier:
 
     def watchdog(self) -> None:
         self._send("WATCHDOG=1")
+
+    def close(self) -> None:
+        """Close the notification socket (sdnotify never does)."""
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._sd = None
 
     def watchdog_interval(self) -> float | None:
         """Half of ``$WATCHDOG_USEC`` in seconds, when the watchdog is on for this process."""
