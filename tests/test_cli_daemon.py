@@ -1,0 +1,544 @@
+"""The installed ``relayctl`` as a subprocess against the real relayd over its real socket.
+
+tests/test_cli.py checks relayctl's output against a fake daemon; here every
+command and every exit code of spec §8 is checked end to end: the console
+script, the admin API on the Unix socket (or on the HTTP port with a token),
+and the WebSocket that ``tail`` subscribes to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from relayd import __version__
+from tests.conftest import (
+    MS,
+    Daemon,
+    NotifySocket,
+    free_port,
+    run_daemon,
+    send_device,
+    spawn_daemon,
+    wait_until,
+)
+
+pytestmark = pytest.mark.anyio
+
+RELAYCTL = str(Path(sys.executable).with_name("relayctl"))
+
+# One relayctl run starts a Python interpreter; bounded generously for slow machines.
+RUN_TIMEOUT = 30_000 * MS
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def ctl_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The operator's environment: no RELAYCTL_* leaking in from outside, no colour.
+
+    PYTHONASYNCIODEBUG (set by `make pytest` for the daemon) is not the operator's:
+    its slow-callback warnings would land on relayctl's stderr.
+    """
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RELAYCTL_") and k != "PYTHONASYNCIODEBUG"
+    }
+    return {**base, "NO_COLOR": "1", **(env or {})}
+
+
+def no_traceback(err: str) -> None:
+    assert "Traceback" not in err, err
+    assert 'File "' not in err, err
+
+
+async def start(
+    *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *prefix,
+        RELAYCTL,
+        *args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ctl_env(env),
+    )
+
+
+async def finish(proc: asyncio.subprocess.Process, timeout: float = RUN_TIMEOUT) -> Result:
+    """Collect a relayctl run; a run that hangs is killed and fails the test."""
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except TimeoutError:
+        proc.kill()
+        await proc.communicate()
+        raise
+    assert proc.returncode is not None
+    result = Result(proc.returncode, out.decode(), err.decode())
+    no_traceback(result.err)
+    return result
+
+
+async def relayctl(
+    *args: str, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+) -> Result:
+    return await finish(await start(*args, env=env, prefix=prefix))
+
+
+async def ctl(d: Daemon, *args: str) -> Result:
+    """relayctl against ``d``'s admin socket."""
+    return await relayctl("--socket", str(d.admin_socket), *args)
+
+
+def refused(result: Result, detail: str) -> None:
+    """Exit 1 with relayd's detail as the one line on stderr (spec §8)."""
+    assert (result.code, result.out, result.err) == (1, "", f"relayctl: {detail}\n")
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """A relayctl table keyed by its first column."""
+    return {line.split()[0]: line.split() for line in text.splitlines() if line.strip()}
+
+
+@contextlib.asynccontextmanager
+async def tailing(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A running ``relayctl … tail``; killed if the test leaves it running."""
+    proc = await start(*args)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.communicate()
+
+
+async def next_line(proc: asyncio.subprocess.Process) -> str:
+    assert proc.stdout is not None
+    async with asyncio.timeout(5_000 * MS):
+        line = await proc.stdout.readline()
+    assert line, "relayctl tail ended without printing the message"
+    return line.decode().rstrip("\n")
+
+
+async def until_subscribed(admin: httpx.AsyncClient, n: int) -> None:
+    """Wait until relayd counts ``n`` WebSocket clients (``tail`` prints nothing for it)."""
+    async with asyncio.timeout(10_000 * MS):
+        while True:
+            if (await admin.get("/v1/status")).json()["ws_clients"] == n:
+                return
+            await asyncio.sleep(0.02)
+
+
+@contextlib.asynccontextmanager
+async def drained(notify: NotifySocket) -> AsyncIterator[None]:
+    """Read the daemon's sd_notify messages as systemd would.
+
+    relayd sends them on a blocking socket: unread, the queue (net.unix.max_dgram_qlen,
+    often 10) fills after a few reloads and the daemon's event loop hangs in sendto().
+    """
+    reader = asyncio.create_task(_read_forever(notify))
+    try:
+        yield
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
+async def _read_forever(notify: NotifySocket) -> None:
+    while True:
+        await notify.receive()
+
+
+@contextlib.asynccontextmanager
+async def relayd(tmp_path: Path, notify: NotifySocket, **kwargs: Any) -> AsyncIterator[Daemon]:
+    """relayd in-process (conftest.run_daemon), with its notifications read."""
+    async with run_daemon(tmp_path, notify, **kwargs) as d, drained(notify):
+        yield d
+
+
+# --- reading: status, ports list, ports show, RELAYCTL_SOCKET ---------------------
+
+
+async def test_status_list_and_show(tmp_path: Path, notify: NotifySocket) -> None:
+    async with relayd(tmp_path, notify) as d:
+        a, b = sorted(d.ports)
+        results = await asyncio.gather(
+            ctl(d, "status"),
+            ctl(d, "status", "--json"),
+            ctl(d, "ports", "list"),
+            ctl(d, "ports", "list", "--json"),
+            ctl(d, "ports", "show", str(a)),
+            ctl(d, "ports", "show", "1"),
+            relayctl("ports", "list", env={"RELAYCTL_SOCKET": str(d.admin_socket)}),
+            relayctl("--url", d.url, "status"),  # the HTTP port without admin.token_file
+        )
+        status, status_json, listed, listed_json, shown, unknown, from_env, no_admin = results
+
+        assert (status.code, status.err) == (0, ""), status
+        lines = dict(line.split(None, 1) for line in status.out.splitlines()[:4])
+        assert lines["state"] == "ready"
+        assert lines["pid"] == str(os.getpid())  # the in-process daemon
+        assert f"http             127.0.0.1:{d.http_port}" in status.out
+        assert "ports            2" in status.out
+        assert table_rows(status.out)[str(a)][1] == f"dev-{a}"  # and the ports table
+
+        assert (status_json.code, status_json.err) == (0, "")
+        info = json.loads(status_json.out)
+        assert info["state"] == "ready" and info["ports"] == 2 and info["pid"] == os.getpid()
+        assert info["http"] == f"127.0.0.1:{d.http_port}"
+
+        assert (listed.code, listed.err) == (0, "")
+        rows = table_rows(listed.out)
+        assert rows["PORT"] == [
+            "PORT", "NAME", "HOST", "FRAMING", "STATE", "SOURCE", "CONNS", "MESSAGES", "BYTES",
+        ]  # fmt: skip
+        for port in (a, b):
+            assert rows[str(port)] == [
+                str(port), f"dev-{port}", "127.0.0.1", "lines", "listening", "config",
+                "0", "0", "0", "B",
+            ]  # fmt: skip
+        assert list(rows) == ["PORT", str(a), str(b)]
+        header, first = listed.out.splitlines()[:2]
+        assert header.index("NAME") == first.index("dev-")  # aligned columns
+
+        assert (listed_json.code, listed_json.err) == (0, "")
+        ports = json.loads(listed_json.out)
+        assert [p["port"] for p in ports] == [a, b]
+        assert ports[0] == {
+            "port": a,
+            "host": "127.0.0.1",
+            "name": f"dev-{a}",
+            "framing": "lines",
+            "max_connections": 64,
+            "state": "listening",
+            "source": "config",
+            "connections": 0,
+            "messages_received": 0,
+            "bytes_received": 0,
+        }
+
+        assert (shown.code, shown.err) == (0, "")
+        fields = dict(line.split(None, 1) for line in shown.out.splitlines())
+        assert fields["port"] == str(a)
+        assert fields["name"] == f"dev-{a}"
+        assert fields["framing"] == "lines"
+        assert "max connections  64" in shown.out
+
+        refused(unknown, "port 1 is not a listener")
+
+        assert (from_env.code, from_env.err) == (0, "")
+        assert from_env.out == listed.out
+
+        assert no_admin.code == 1
+        assert no_admin.err.startswith("relayctl: ") and no_admin.err.count("\n") == 1
+        assert "does not serve the admin API" in no_admin.err
+
+
+# --- changing: ports add, ports remove --------------------------------------------
+
+
+async def test_add_and_remove_ports(tmp_path: Path, notify: NotifySocket) -> None:
+    async with relayd(tmp_path, notify, nports=1) as d, d.admin() as admin:
+        port = free_port()
+        added = await ctl(
+            d, "ports", "add", str(port), "--host", "127.0.0.1", "--name", "scale-9",
+            "--framing", "raw", "--max-connections", "5",
+        )  # fmt: skip
+        assert added == Result(0, f"port {port} listening (scale-9)\n", "")
+        got = (await admin.get(f"/v1/ports/{port}")).json()
+        assert got["framing"] == "raw" and got["max_connections"] == 5
+        assert got["source"] == "runtime" and got["host"] == "127.0.0.1"
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            again, in_use = await asyncio.gather(
+                ctl(d, "ports", "add", str(port), "--host", "127.0.0.1"),
+                ctl(d, "ports", "add", str(busy), "--host", "127.0.0.1"),
+            )
+        refused(again, f"port {port} is already a listener")
+        refused(in_use, f"port {busy}: address already in use")
+        assert (await admin.get(f"/v1/ports/{busy}")).status_code == 404
+
+        # A device's message, delivered, so the final counters are not all zero.
+        async with tailing("--socket", str(d.admin_socket), "tail", "--port", str(port)) as tail:
+            await until_subscribed(admin, 1)
+            await send_device(port, b"12.5 kg")
+            assert await next_line(tail) == "12.5 kg"
+            tail.send_signal(signal.SIGINT)
+            assert (await finish(tail)).code in (0, 130)
+
+        removed = await ctl(d, "ports", "remove", str(port))
+        assert removed == Result(
+            0, f"port {port} (scale-9) removed: 1 messages, 7 B received\n", ""
+        )
+        refused(await ctl(d, "ports", "remove", str(port)), f"port {port} is not a listener")
+        refused(await ctl(d, "ports", "show", str(port)), f"port {port} is not a listener")
+
+
+async def test_remove_force_skips_the_drain(tmp_path: Path, notify: NotifySocket) -> None:
+    async with relayd(tmp_path, notify, nports=1, drain=60.0) as d:
+        port = d.ports[0]
+        device = await send_device(port, b"x\n", close=False)
+        try:
+            await wait_until(lambda: d.runtime.registry.tcp_connections == 1)
+            # Without --force this would wait the full 60 s drain for the device.
+            removed = await finish(
+                await start(
+                    "--socket", str(d.admin_socket), "ports", "remove", str(port), "--force"
+                ),
+                timeout=20_000 * MS,
+            )
+        finally:
+            device.close()
+        assert removed.code == 0, removed
+        assert removed.out.startswith(f"port {port} (dev-{port}) removed: ")
+        assert removed.err == ""
+
+
+async def test_port_out_of_range_is_a_usage_error_before_any_request(tmp_path: Path) -> None:
+    # A socket that would see any request relayctl made.
+    sentinel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sentinel:
+        sentinel.bind(str(tmp_path / "sentinel.sock"))
+        sentinel.listen(16)
+        sentinel.setblocking(False)
+        where = ("--socket", str(tmp_path / "sentinel.sock"))
+        results = await asyncio.gather(
+            relayctl(*where, "ports", "add", "0"),
+            relayctl(*where, "ports", "add", "70000", "--name", "x"),
+            relayctl(*where, "ports", "show", "0"),
+            relayctl(*where, "ports", "remove", "65536"),
+            relayctl(*where, "tail", "--port", "0"),
+            relayctl(*where, "ports", "add", "8004", "--max-connections", "0"),
+            relayctl(*where),  # no command
+        )
+        version = await relayctl(*where, "--version")
+        assert version == Result(0, f"relayctl {__version__}\n", "")
+        for result in results:
+            assert result.code == 2, result
+            assert result.out == ""
+            assert "Usage: relayctl" in result.err
+        assert "0 is not a port number (1-65535)" in results[0].err
+        assert "70000 is not a port number (1-65535)" in results[1].err
+        with pytest.raises(BlockingIOError):
+            sentinel.accept()  # nobody connected
+
+
+# --- reload -------------------------------------------------------------------------
+
+
+async def test_reload(tmp_path: Path, notify: NotifySocket) -> None:
+    async with relayd(tmp_path, notify, nports=1) as d:
+        original = d.config.read_text()
+        new_port = free_port()
+        d.config.write_text(original + f'[[ports]]\nport = {new_port}\nhost = "127.0.0.1"\n')
+        assert await ctl(d, "reload") == Result(0, f"reloaded: added {new_port}\n", "")
+        assert await ctl(d, "reload") == Result(0, "reloaded: no changes\n", "")
+
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            d.config.write_text(
+                d.config.read_text() + f'[[ports]]\nport = {busy}\nhost = "127.0.0.1"\n'
+            )
+            partial = await ctl(d, "reload")
+        assert partial == Result(
+            1, "reloaded: no changes\n", f"relayctl: port {busy}: address already in use\n"
+        )
+
+        d.config.write_text(original + "\n[relay]\nqueue_size = -1\n")
+        invalid = await ctl(d, "reload")
+        assert (invalid.code, invalid.out) == (1, "")
+        assert invalid.err.startswith("relayctl: ") and invalid.err.count("\n") == 1
+        assert "relay.queue_size" in invalid.err
+        listed = json.loads((await ctl(d, "ports", "list", "--json")).out)
+        assert {p["port"] for p in listed} == {d.ports[0], new_port}  # nothing changed
+
+
+# --- tail ---------------------------------------------------------------------------
+
+
+async def test_tail_prints_messages_until_ctrl_c_or_the_daemon_stops(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    async with relayd(tmp_path, notify) as d, d.admin() as admin:
+        one, other = d.ports
+        sock = ("--socket", str(d.admin_socket))
+        unknown = await relayctl(*sock, "tail", "--port", "1")  # relayd closes it with 1008
+        assert (unknown.code, unknown.out) == (1, ""), unknown
+        assert unknown.err.startswith("relayctl: ") and unknown.err.count("\n") == 1
+        assert "unknown port 1" in unknown.err
+        async with (
+            tailing(*sock, "tail", "--port", str(one)) as bare,
+            tailing(*sock, "tail", "--json") as every,
+        ):
+            await until_subscribed(admin, 2)
+            await send_device(other, b"from the other port\n")
+            assert json.loads(await next_line(every))["data"] == "from the other port"
+            await send_device(one, b"hello\n", b"bin\x00\xff\x1b[2J\n")
+            # --port: the other port's message, relayed before these, is not shown.
+            assert await next_line(bare) == "hello"
+            assert await next_line(bare) == "bin\\x00\\xff\\x1b[2J"  # escaped, never raw
+            envelope = json.loads(await next_line(every))
+            assert envelope["port"] == one and envelope["name"] == f"dev-{one}"
+            assert envelope["data"] == "hello"
+            assert "data_b64" in json.loads(await next_line(every))
+
+            bare.send_signal(signal.SIGINT)  # Ctrl-C
+            stopped = await finish(bare, timeout=10_000 * MS)
+            assert stopped.code in (0, 130), stopped
+            assert stopped.out == ""  # everything was read above
+            assert stopped.err.count("\n") <= 1
+
+            await until_subscribed(admin, 1)
+            assert await d.stop() == 0
+            gone = await finish(every, timeout=10_000 * MS)
+        assert gone.code == 69, gone
+        assert gone.out == ""
+        assert gone.err.startswith("relayctl: ") and gone.err.count("\n") == 1
+        assert "relayd closed the connection (going away" in gone.err
+
+
+# --- --url and --token, with admin.token_file set; SIGTERM during tail ----------------
+
+
+async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: NotifySocket) -> None:
+    token_file = tmp_path / "admin.token"
+    token_file.write_text("s3cret\n")
+    extra = f'[admin]\ntoken_file = "{token_file}"\n'
+    async with spawn_daemon(tmp_path, notify, nports=1, extra=extra) as d, drained(notify):
+        url = f"http://127.0.0.1:{d.http_port}"
+        port = d.ports[0]
+        ok, listed, from_env, bad, missing = await asyncio.gather(
+            relayctl("--url", url, "--token", "s3cret", "status", "--json"),
+            relayctl("--url", url + "/", "--token", "s3cret", "ports", "list"),
+            relayctl(
+                "ports", "show", str(port), env={"RELAYCTL_URL": url, "RELAYCTL_TOKEN": "s3cret"}
+            ),
+            relayctl("--url", url, "--token", "nope", "status"),
+            relayctl("--url", url, "ports", "list"),
+        )
+        assert (ok.code, ok.err) == (0, ""), ok
+        assert json.loads(ok.out)["state"] == "ready"
+        assert (listed.code, listed.err) == (0, ""), listed
+        assert str(port) in table_rows(listed.out)
+        assert (from_env.code, from_env.err) == (0, ""), from_env
+        assert f"dev-{port}" in from_env.out
+        refused(bad, "a valid bearer token is required")
+        refused(missing, "a valid bearer token is required")
+
+        added_port = free_port()
+        added = await relayctl(
+            "--url",
+            url,
+            "--token",
+            "s3cret",
+            "ports",
+            "add",
+            str(added_port),
+            "--host",
+            "127.0.0.1",
+        )
+        assert added == Result(0, f"port {added_port} listening\n", "")
+
+        transport = httpx.AsyncHTTPTransport(uds=str(d.admin_socket))
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://relayd") as admin,
+            tailing("--url", url, "--token", "s3cret", "tail", "--json") as over_http,
+            tailing(
+                "--socket", str(d.admin_socket), "tail", "--port", str(added_port)
+            ) as over_socket,
+        ):
+            await until_subscribed(admin, 2)
+            await send_device(added_port, b"via http\n")
+            assert json.loads(await next_line(over_http))["data"] == "via http"
+            assert await next_line(over_socket) == "via http"
+            d.signal(signal.SIGTERM)
+            results = await asyncio.gather(
+                finish(over_http, timeout=10_000 * MS), finish(over_socket, timeout=10_000 * MS)
+            )
+        assert await d.wait() in (0, -signal.SIGTERM)
+        for gone in results:
+            assert gone.code == 69, gone
+            assert gone.err.startswith("relayctl: ") and gone.err.count("\n") == 1, gone
+            assert "relayd closed the connection (going away" in gone.err
+
+
+# --- relayd cannot be reached -------------------------------------------------------
+
+
+def _as_other_user() -> list[str] | None:
+    """A command prefix running relayctl without access to root's files (None: cannot)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+async def test_unreachable_daemon_exits_69_with_a_hint(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.sock"
+    stale = tmp_path / "stale.sock"  # left behind by a relayd that died: nobody listens
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.bind(str(stale))
+    locked = tmp_path / "locked.sock"
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with listening:
+        listening.bind(str(locked))
+        listening.listen(16)
+        os.chmod(locked, 0)  # as root, setpriv drops to nobody (the tmp dir is 0700 too)
+        prefix = _as_other_user()
+        results = await asyncio.gather(
+            relayctl("--socket", str(missing), "status"),
+            relayctl("--socket", str(missing), "tail"),
+            relayctl("--socket", str(stale), "ports", "add", "8004"),
+            relayctl("--url", f"http://127.0.0.1:{free_port()}", "--token", "t", "reload"),
+            *(
+                [relayctl("--socket", str(locked), "status", prefix=prefix)]
+                if prefix is not None
+                else []
+            ),
+        )
+    for result in results:
+        assert result.code == 69, result
+        assert result.out == ""
+        assert result.err.startswith("relayctl: cannot reach relayd at "), result
+        assert result.err.count("\n") == 1
+    no_file, tail, refused_conn, no_http = results[:4]
+    assert no_file.err == (
+        f"relayctl: cannot reach relayd at {missing}: No such file or directory"
+        " (is relayd running?)\n"
+    )
+    assert tail.err.endswith("(is relayd running?)\n") and str(missing) in tail.err
+    assert refused_conn.err == (
+        f"relayctl: cannot reach relayd at {stale}: Connection refused (is relayd running?)\n"
+    )
+    assert no_http.err.endswith("(is relayd running?)\n")
+    if prefix is not None:
+        assert results[4].err.endswith("Permission denied (are you in the relayd group?)\n")
