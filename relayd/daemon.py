@@ -19,9 +19,9 @@ from relayd import __version__
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
 from relayd.errors import BindError, ConfigError
-from relayd.listeners import BACKLOG, bind_tcp
+from relayd.listeners import ACCEPT_BATCH, BACKLOG, bind_tcp
 from relayd.runtime import Runtime
-from relayd.server import RelayServer
+from relayd.server import AcceptErrorHandler, RelayServer
 from relayd.state import PortState
 from relayd.systemd import Notifier
 from relayd.wsconn import RelayWebSocketProtocol
@@ -171,6 +171,19 @@ async def serve(
         notifier=notifier,
     )
     try:
+        return await _serve(runtime, settings, admin_token=admin_token, on_server=on_server)
+    finally:
+        notifier.close()
+
+
+async def _serve(
+    runtime: Runtime,
+    settings: Settings,
+    *,
+    admin_token: str | None,
+    on_server: Callable[[RelayServer], None] | None,
+) -> int:
+    try:
         runtime.bind_all()
     except BindError as exc:
         logger.error("cannot listen on port %d (%s): %s", exc.port, exc.host, exc.reason)
@@ -203,13 +216,18 @@ async def serve(
         ws_ping_timeout=relay.ping_timeout,
         ws_per_message_deflate=relay.per_message_deflate,
         timeout_graceful_shutdown=UVICORN_GRACE,
+        backlog=ACCEPT_BATCH,  # connections accepted per loop iteration; see RelayServer.startup
     )
     server = RelayServer(config, runtime)
     if on_server is not None:
         on_server(server)
+    loop = asyncio.get_running_loop()
+    accept_errors = AcceptErrorHandler(loop.get_exception_handler())
+    loop.set_exception_handler(accept_errors)
     try:
         await server.serve(sockets=sockets)
     finally:
+        loop.set_exception_handler(accept_errors.previous)
         runtime.close_prebound()
         with contextlib.suppress(OSError):
             os.unlink(settings.admin.socket)

@@ -24,7 +24,8 @@ from relayd.hub import Hub, Source
 
 logger = logging.getLogger(__name__)
 
-BACKLOG = 1024
+BACKLOG = 4096  # the kernel's queue of connections not yet accepted (capped by somaxconn)
+ACCEPT_BATCH = 4  # connections accepted per event loop iteration (see Listener.start)
 KEEPALIVE_IDLE = 30  # seconds of silence before the first TCP keepalive probe
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
@@ -145,7 +146,8 @@ class DeviceConnection(asyncio.Protocol):
             if b"\r" in data:
                 messages = [m[:-1] if m[-1:] == b"\r" else m for m in messages]
             if len(data) > size:
-                messages = [piece for m in messages for piece in _cut(m, size)]
+                if messages and max(map(len, messages)) > size:
+                    messages = [piece for m in messages for piece in _cut(m, size)]
                 if len(partial) >= size:
                     pieces = _cut(partial, size)
                     partial = pieces.pop()
@@ -263,9 +265,14 @@ class Listener:
         """Serve on the pre-bound socket; returns once connections are being accepted."""
         assert self._sock is not None
         loop = asyncio.get_running_loop()
+        sock = self._sock
         self._server = await loop.create_server(
-            lambda: DeviceConnection(self), sock=self._sock, backlog=BACKLOG
+            lambda: DeviceConnection(self), sock=sock, backlog=ACCEPT_BATCH
         )
+        # asyncio accepts up to ``backlog`` connections per loop iteration and listens
+        # with the same number: keep the batch small, so a connection flood is
+        # interleaved with other work, and the kernel's queue of waiting connections long.
+        sock.listen(BACKLOG)
         self._sock = None
         self._task = asyncio.create_task(self._run(), name=f"listener-{self.port}")
         logger.info("port %d: listening on %s", self.port, self.settings.host)
