@@ -42,3 +42,4 @@ clean: deb-clean
 include packaging/packaging.mk
 include bench/bench.mk
 bench-deps: $(STAMP)
+include tests/soak/soak.mk

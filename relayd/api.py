@@ -108,6 +108,8 @@ def one_sentence(errors: list[Any]) -> str:
 ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "No listener on that port"},
     409: {"model": ErrorOut, "description": "Already a listener, or the bind failed"},
+    413: {"model": ErrorOut, "description": f"The body is larger than {MAX_BODY} bytes"},
+    415: {"model": ErrorOut, "description": "The body is not JSON"},
     422: {"model": ErrorOut, "description": "Invalid body or port"},
     500: {"model": ErrorOut, "description": "The state file could not be written"},
 }
@@ -132,7 +134,7 @@ def create_router(runtime: Runtime) -> APIRouter:
         "/ports",
         response_model=PortOut,
         status_code=201,
-        responses={k: ERRORS[k] for k in (409, 422, 500)},
+        responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500)},
     )
     async def add_port(body: PortIn) -> PortOut:
         fields = body.model_dump(exclude_none=True)

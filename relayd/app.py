@@ -9,7 +9,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relayd import __version__, api, metrics, ws
 from relayd.runtime import Runtime
@@ -57,6 +58,78 @@ class AdminGate:
         return None
 
 
+def is_json(content_type: str) -> bool:
+    media = content_type.partition(";")[0].strip().lower()
+    return media == "application/json" or (
+        media.startswith("application/") and media.endswith("+json")
+    )
+
+
+class BodyLimit:
+    """Read each request body up front, at most ``max_body`` bytes, then hand it on.
+
+    A larger body is refused with 413 before it is read (``Content-Length``) or
+    as soon as the count passes the limit (a chunked body has no length). A
+    non-empty admin request body without a JSON ``Content-Type`` is refused with
+    415 (FastAPI versions differ on untyped bodies). Nothing in relayd takes a
+    large body, so a client cannot make the daemon buffer one.
+    """
+
+    def __init__(self, app: ASGIApp, max_body: int = api.MAX_BODY) -> None:
+        self.app = app
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            await self._too_large(scope, receive, send)
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away before its body arrived
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        if (
+            body
+            and not is_json(headers.get("content-type", ""))
+            and scope["path"].startswith(ADMIN_PREFIXES)
+        ):
+            response = JSONResponse(
+                {"detail": "the request body must be JSON (Content-Type: application/json)"},
+                status_code=415,
+            )
+            await response(scope, receive, send)
+            return
+        pending: Message | None = {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal pending
+            if pending is not None:
+                message, pending = pending, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(
+            {"detail": f"the request body is larger than {self.max_body} bytes"},
+            status_code=413,
+            headers={"Connection": "close"},
+        )
+        await response(scope, receive, send)
+
+
 def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -93,5 +166,6 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
 
     app.include_router(ws.router)
     api.install(app, runtime)
+    app.add_middleware(BodyLimit)  # inside the gate: refused requests are not read at all
     app.add_middleware(AdminGate, token=admin_token)
     return app

@@ -26,7 +26,7 @@ from relayd.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 STATUS_DEBOUNCE = 0.25  # seconds: coalesce STATUS= updates during connection bursts
-CLIENT_CLOSE_TIMEOUT = 2.0  # seconds WebSocket clients get to take their last frames on stop
+CLIENT_CLOSE_TIMEOUT = 1.5  # seconds WebSocket clients get to take their last frames on stop
 
 
 @dataclass
@@ -147,8 +147,15 @@ class Runtime:
             except RelaydError:
                 sock.close()
                 raise
+            try:
+                listener = await self.registry.add(settings, origin="runtime", sock=sock)
+            except BaseException:  # not serving after all (it closed the socket): undo the save
+                try:
+                    self.state.save()
+                except RelaydError as exc:
+                    logger.error("port %d: cannot undo the state change: %s", settings.port, exc)
+                raise
             self.state = new_state
-            listener = await self.registry.add(settings, origin="runtime", sock=sock)
         logger.info("port %d added at runtime", settings.port)
         return listener
 
@@ -197,6 +204,9 @@ class Runtime:
         report = ReloadReport()
         desired = self.state.apply(new.ports)
         current = {listener.port: listener for listener in self.registry.listeners()}
+        # A port still draining after a removal, which the new config wants: let the
+        # drain finish, then open it again below (else it would be gone when it ends).
+        finishing = [port for port, lst in current.items() if lst.draining and port in desired]
         for port, listener in current.items():
             if listener.draining:
                 continue
@@ -209,7 +219,7 @@ class Runtime:
         await asyncio.gather(
             *(
                 self.registry.remove(port, drain_timeout=new.drain.timeout)
-                for port in report.removed + report.changed
+                for port in report.removed + report.changed + finishing
             )
         )
         for port, (settings, origin) in sorted(desired.items()):

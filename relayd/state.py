@@ -40,6 +40,7 @@ class PortState:
 
     def load(self) -> None:
         """Read the file; a corrupt one is moved aside and logged, never fatal."""
+        self._remove_leftovers()
         try:
             text = self.path.read_bytes()
         except FileNotFoundError:
@@ -64,6 +65,20 @@ class PortState:
             return
         self.added = {p.port: p for p in model.added}
         self.removed = set(model.removed)
+
+    def _remove_leftovers(self) -> None:
+        """Temp files of a save that was killed before its rename: never the state."""
+        try:
+            leftovers = list(self.path.parent.glob(f".{STATE_FILE}.tmp-*"))
+        except OSError:  # pragma: no cover - an unreadable directory fails the read below
+            return
+        for tmp in leftovers:
+            try:
+                tmp.unlink()
+            except OSError as exc:
+                logger.warning("cannot remove %s: %s", tmp, (exc.strerror or str(exc)).lower())
+            else:
+                logger.info("removed %s, left by a save that did not finish", tmp.name)
 
     def apply(self, config_ports: list[PortSettings]) -> dict[int, tuple[PortSettings, Origin]]:
         """Config ports minus runtime removals plus runtime additions, by port number."""

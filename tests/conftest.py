@@ -302,7 +302,11 @@ async def send_device(port: int, *chunks: bytes, close: bool = True) -> socket.s
     loop = asyncio.get_running_loop()
     sock = socket.socket()
     sock.setblocking(False)
-    await loop.sock_connect(sock, ("127.0.0.1", port))
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
     for chunk in chunks:
         await loop.sock_sendall(sock, chunk)
     if close:
