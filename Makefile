@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest clean
+.PHONY: run test test-floor lint typecheck pytest clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -34,8 +34,19 @@ pytest: $(STAMP)
 
 test: lint typecheck pytest
 
+# The suite again on the library versions Debian 13 ships (tests/constraints/debian13.txt).
+FLOOR_VENV := .venv-floor
+$(FLOOR_VENV)/.installed-stamp: pyproject.toml tests/constraints/debian13.txt $(STAMP)
+	@[ -x $(FLOOR_VENV)/bin/python ] || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c tests/constraints/debian13.txt -e '.[dev]'
+	@touch $@
+
+test-floor: $(FLOOR_VENV)/.installed-stamp
+	PYTHONASYNCIODEBUG=1 $(FLOOR_VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
 clean: deb-clean
-	rm -rf $(VENV) .relayd .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(FLOOR_VENV) .relayd .pytest_cache .mypy_cache .ruff_cache
 
 # Packaging (make deb, make e2e) and benchmarks (make bench); last, so that `make`
 # alone still means nothing new.
