@@ -80,7 +80,7 @@ class ReloadOut(BaseModel):
 
 
 def port_out(runtime: Runtime, listener: Listener) -> PortOut:
-    snapshot = runtime.snapshot(listener)
+    snapshot = runtime.registry.snapshot(listener)
     return PortOut.model_validate(snapshot, from_attributes=True)
 
 

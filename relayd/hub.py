@@ -106,7 +106,6 @@ class Subscription:
         "paused",
         "closed",
         "dropped",
-        "sent",
     )
 
     def __init__(self, hub: Hub, sink: Sink, ports: frozenset[int] | None, json: bool) -> None:
@@ -119,7 +118,6 @@ class Subscription:
         self.paused = False
         self.closed = False
         self.dropped = 0
-        self.sent = 0
 
     def pause(self) -> None:
         """The client's transport buffer is full: keep frames here, bounded."""
@@ -143,7 +141,6 @@ class Subscription:
                 self._overflow(excess)
             return
         self.queue = []
-        self.sent += len(queue)
         self._hub.messages_sent += len(queue)
         self.sink.send_frames(queue)
 

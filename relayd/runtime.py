@@ -19,7 +19,7 @@ from relayd import __version__
 from relayd.config import PortSettings, Settings
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError
 from relayd.hub import Hub
-from relayd.listeners import Listener, ListenerRegistry, Origin, PortSnapshot, bind
+from relayd.listeners import Listener, ListenerRegistry, Origin, bind
 from relayd.state import PortState
 from relayd.systemd import Notifier
 
@@ -129,9 +129,6 @@ class Runtime:
             "tcp_connections": self.registry.tcp_connections,
             "ws_clients": self.hub.clients,
         }
-
-    def snapshot(self, listener: Listener) -> PortSnapshot:
-        return self.registry.snapshot(listener)
 
     # Port changes (admin API)
 
