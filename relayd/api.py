@@ -1,13 +1,19 @@
-"""The admin API (``/v1``): status, ports added and removed at runtime, reload."""
+"""The admin API (``/v1``): status, ports added and removed at runtime, reload.
+
+The port models derive from the config model (``PortSettings``): a port added
+at runtime takes exactly the keys and defaults of a ``[[ports]]`` entry, and a
+port object is those settings plus its state and counters (relayd(8), ADMIN API).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field
 
 from relayd import __version__
 from relayd.config import PortNumber, PortSettings, format_loc
@@ -17,10 +23,12 @@ from relayd.errors import (
     ListenerExists,
     ListenerNotFound,
     RelaydError,
-    StateError,
+    Stopping,
 )
 from relayd.listeners import Listener
 from relayd.runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024  # bytes: admin requests are small JSON objects
 
@@ -33,38 +41,26 @@ class StatusOut(BaseModel):
     version: str = Field(examples=[__version__])
     pid: int
     uptime_s: float
-    state: Literal["ready", "draining"]
+    state: Literal["starting", "ready", "draining"]
+    drain_timeout: float
     http: str = Field(examples=["0.0.0.0:8000"])
     ports: int
     tcp_connections: int
     ws_clients: int
 
 
-class PortOut(BaseModel):
-    port: int
-    host: str
-    name: str | None
-    framing: Literal["lines", "raw"]
-    max_connections: int
+class PortIn(PortSettings):
+    """A port to open now: the keys of a ``[[ports]]`` entry, with the same defaults."""
+
+
+class PortOut(PortSettings):
+    """A port's settings, its state and its counters."""
+
     state: Literal["listening", "draining"]
     source: Literal["config", "runtime"]
     connections: int
     messages_received: int
     bytes_received: int
-
-
-class PortIn(BaseModel):
-    """A listener to open now; omitted fields take the config defaults."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    port: PortNumber
-    host: str | None = None
-    name: str | None = None
-    framing: Literal["lines", "raw"] | None = None
-    max_connections: int | None = None
-    keepalive: bool | None = None
-    idle_timeout: float | None = None
 
 
 class FailedPort(BaseModel):
@@ -79,9 +75,8 @@ class ReloadOut(BaseModel):
     failed: list[FailedPort]
 
 
-def port_out(runtime: Runtime, listener: Listener) -> PortOut:
-    snapshot = runtime.registry.snapshot(listener)
-    return PortOut.model_validate(snapshot, from_attributes=True)
+def port_out(listener: Listener) -> PortOut:
+    return PortOut.model_validate(listener.snapshot())
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -89,7 +84,7 @@ def _error(status: int, detail: str) -> JSONResponse:
 
 
 def one_sentence(errors: list[Any]) -> str:
-    """FastAPI's list of validation errors as the single sentence spec §7 asks for."""
+    """FastAPI's list of validation errors as the single sentence of ``detail``."""
     parts = []
     for error in errors:
         loc = [p for p in error.get("loc", ()) if p not in ("body", "path", "query")]
@@ -112,6 +107,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     415: {"model": ErrorOut, "description": "The body is not JSON"},
     422: {"model": ErrorOut, "description": "Invalid body or port"},
     500: {"model": ErrorOut, "description": "The state file could not be written"},
+    503: {"model": ErrorOut, "description": "relayd is stopping"},
 }
 
 
@@ -124,40 +120,36 @@ def create_router(runtime: Runtime) -> APIRouter:
 
     @router.get("/ports", response_model=list[PortOut])
     async def list_ports() -> list[PortOut]:
-        return [port_out(runtime, listener) for listener in runtime.registry.listeners()]
+        return [port_out(listener) for listener in runtime.registry.listeners()]
 
     @router.get("/ports/{port}", response_model=PortOut, responses={404: ERRORS[404]})
     async def get_port(port: PortNumber) -> PortOut:
-        return port_out(runtime, runtime.registry.get(port))
+        return port_out(runtime.registry.get(port))
 
     @router.post(
         "/ports",
         response_model=PortOut,
         status_code=201,
-        responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500)},
+        responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500, 503)},
     )
     async def add_port(body: PortIn) -> PortOut:
-        fields = body.model_dump(exclude_none=True)
-        try:
-            settings = PortSettings.model_validate(fields, strict=False)
-        except ValidationError as exc:
-            raise RequestValidationError(exc.errors()) from None
+        settings = PortSettings.model_validate(body.model_dump())
         listener = await runtime.add_port(settings)
-        return port_out(runtime, listener)
+        return port_out(listener)
 
     @router.delete(
         "/ports/{port}",
         response_model=PortOut,
-        responses={k: ERRORS[k] for k in (404, 500)},
+        responses={k: ERRORS[k] for k in (404, 500, 503)},
     )
     async def remove_port(
         port: PortNumber,
         force: Annotated[bool, Query(description="close connections without a drain")] = False,
     ) -> PortOut:
         listener = await runtime.remove_port(port, force=force)
-        return port_out(runtime, listener)
+        return port_out(listener)
 
-    @router.post("/reload", response_model=ReloadOut, responses={422: ERRORS[422]})
+    @router.post("/reload", response_model=ReloadOut, responses={k: ERRORS[k] for k in (422, 503)})
     async def reload() -> ReloadOut:
         report = await runtime.reload()
         return ReloadOut.model_validate(report, from_attributes=True)
@@ -181,6 +173,14 @@ def install(app: FastAPI, runtime: Runtime) -> None:
             return _error(409, str(exc))
         if isinstance(exc, ConfigError):
             return _error(422, "the configuration is invalid: " + "; ".join(exc.problems))
-        if isinstance(exc, StateError):
-            return _error(500, str(exc))
-        return _error(500, str(exc))  # pragma: no cover - every RelaydError is mapped above
+        if isinstance(exc, Stopping):
+            return _error(503, str(exc))
+        return _error(500, str(exc))  # StateError: the state file could not be written
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        # An OS error that no code path turned into a RelaydError: still one sentence
+        # in JSON, and one log line without a traceback (relayd(8), ADMIN API).
+        reason = (exc.strerror or str(exc)).lower()
+        logger.error("admin %s %s failed: %s", request.method, request.url.path, reason)
+        return _error(500, f"the request failed: {reason}")

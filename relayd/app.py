@@ -5,14 +5,13 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relayd import __version__, api, metrics, ws
+from relayd import __version__, api, metrics
 from relayd.runtime import Runtime
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
@@ -132,12 +131,12 @@ class BodyLimit:
 
 def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        await runtime.start_listeners()
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start_listeners()  # on the sockets relayd.server bound before
         try:
-            yield {"runtime": runtime}
+            yield
         finally:
-            await runtime.shutdown()  # a no-op when RelayServer already drained
+            await runtime.shutdown()  # a no-op: relayd.server drained before uvicorn stops
 
     app = FastAPI(
         title="relayd",
@@ -146,7 +145,6 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    app.state.runtime = runtime
     registry = metrics.make_registry(runtime)
 
     @app.get("/healthz", include_in_schema=False)
@@ -155,16 +153,22 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
-        if runtime.ready and not runtime.draining:
-            return JSONResponse({"status": "ready"})
-        state = "draining" if runtime.draining else "starting"
-        return JSONResponse({"status": state}, status_code=503)
+        phase = runtime.phase
+        return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
 
     @app.get("/metrics", include_in_schema=False)
     async def get_metrics(request: Request) -> Response:
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
 
-    app.include_router(ws.router)
+    @app.get("/ws", include_in_schema=False)
+    async def ws_without_upgrade() -> JSONResponse:
+        # A WebSocket handshake never reaches the app: relayd.wsconn owns /ws.
+        return JSONResponse(
+            {"detail": "/ws is a WebSocket endpoint: connect with a WebSocket client"},
+            status_code=426,
+            headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+        )
+
     api.install(app, runtime)
     app.add_middleware(BodyLimit)  # inside the gate: refused requests are not read at all
     app.add_middleware(AdminGate, token=admin_token)

@@ -4,27 +4,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import socket
-import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import uvicorn
 
-from relayd import __version__
+from relayd import __version__, server
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
-from relayd.errors import BindError, ConfigError
-from relayd.listeners import ACCEPT_BATCH, BACKLOG, bind_tcp
+from relayd.errors import ConfigError
+from relayd.listeners import ACCEPT_BATCH
 from relayd.runtime import Runtime
-from relayd.server import AcceptErrorHandler, RelayServer
+from relayd.server import ShutdownTrigger
 from relayd.state import PortState
 from relayd.systemd import Notifier
-from relayd.wsconn import RelayWebSocketProtocol
+from relayd.ws import WsEndpoint
+from relayd.wsconn import protocol_factory
 
 logger = logging.getLogger("relayd")
 
@@ -33,7 +31,6 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 DEFAULT_STATE_DIR = Path("/var/lib/relayd")
-UVICORN_GRACE = 1  # seconds uvicorn waits for HTTP connections after relayd's own drain
 
 SYSLOG_PRIORITY = {
     logging.DEBUG: 7,
@@ -110,35 +107,6 @@ def state_directory(arg: Path | None) -> Path:
     return Path(env.split(":")[0]) if env else DEFAULT_STATE_DIR
 
 
-def bind_unix(path: str) -> socket.socket:
-    """The admin socket, created with mode 0660; a stale socket file is replaced."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        if stat.S_ISSOCK(target.lstat().st_mode):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(path)
-            except OSError:
-                target.unlink()  # nobody listens: stale
-            else:
-                raise BindError(0, path, "another relayd is listening on it")
-            finally:
-                probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old_umask = os.umask(0o117)
-    try:
-        sock.bind(path)
-        sock.listen(BACKLOG)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        raise BindError(0, path, (exc.strerror or str(exc)).lower()) from None
-    finally:
-        os.umask(old_umask)
-    return sock
-
-
 def read_token(settings: Settings) -> str | None:
     path = settings.admin.token_file
     if path is None:
@@ -158,80 +126,40 @@ async def serve(
     load_settings: Callable[[], Settings],
     state_dir: Path,
     admin_token: str | None,
-    on_server: Callable[[RelayServer], None] | None = None,
+    shutdown_trigger: ShutdownTrigger | None = None,
+    on_runtime: Callable[[Runtime], None] | None = None,
 ) -> int:
-    """Run the daemon until it is stopped; ``on_server`` sees the server before it starts."""
+    """Wire relayd's objects and run it until it stops; returns the exit code.
+
+    ``shutdown_trigger``: stop when this returns, as on SIGTERM (tests use it);
+    ``on_runtime`` sees the runtime before anything is bound.
+    """
     notifier = Notifier()
     state = PortState(state_dir)
     state.load()
-    runtime = Runtime(
-        settings,
-        load_settings=load_settings,
-        state=state,
-        notifier=notifier,
-    )
+    runtime = Runtime(settings, load_settings=load_settings, state=state, notifier=notifier)
+    if on_runtime is not None:
+        on_runtime(runtime)
+
+    def make_config() -> uvicorn.Config:
+        return uvicorn.Config(
+            create_app(runtime, admin_token=admin_token),
+            ws=protocol_factory(WsEndpoint(runtime)),  # type: ignore[arg-type]
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            # Connections accepted per loop iteration; relayd.server lengthens the
+            # kernel's queue again after uvicorn listens.
+            backlog=ACCEPT_BATCH,
+        )
+
     try:
-        return await _serve(runtime, settings, admin_token=admin_token, on_server=on_server)
+        started = await server.serve(runtime, make_config, shutdown_trigger=shutdown_trigger)
     finally:
         notifier.close()
-
-
-async def _serve(
-    runtime: Runtime,
-    settings: Settings,
-    *,
-    admin_token: str | None,
-    on_server: Callable[[RelayServer], None] | None,
-) -> int:
-    try:
-        runtime.bind_all()
-    except BindError as exc:
-        logger.error("cannot listen on port %d (%s): %s", exc.port, exc.host, exc.reason)
-        return EXIT_FAILURE
-    sockets: list[socket.socket] = []
-    try:
-        http = settings.http
-        sockets.append(bind_tcp(http.host, http.port))
-        sockets.append(bind_unix(settings.admin.socket))
-    except BindError as exc:
-        runtime.close_prebound()
-        for sock in sockets:
-            sock.close()
-        if exc.port:
-            logger.error("cannot listen on HTTP port %d (%s): %s", exc.port, exc.host, exc.reason)
-        else:
-            logger.error("cannot create admin socket %s: %s", exc.host, exc.reason)
-        return EXIT_FAILURE
-    app = create_app(runtime, admin_token=admin_token)
-    relay = settings.relay
-    config = uvicorn.Config(
-        app,
-        ws=RelayWebSocketProtocol,
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        proxy_headers=False,
-        ws_ping_interval=relay.ping_interval or None,
-        ws_ping_timeout=relay.ping_timeout,
-        ws_per_message_deflate=relay.per_message_deflate,
-        timeout_graceful_shutdown=UVICORN_GRACE,
-        backlog=ACCEPT_BATCH,  # connections accepted per loop iteration; see RelayServer.startup
-    )
-    server = RelayServer(config, runtime)
-    if on_server is not None:
-        on_server(server)
-    loop = asyncio.get_running_loop()
-    accept_errors = AcceptErrorHandler(loop.get_exception_handler())
-    loop.set_exception_handler(accept_errors)
-    try:
-        await server.serve(sockets=sockets)
-    finally:
-        loop.set_exception_handler(accept_errors.previous)
-        runtime.close_prebound()
-        with contextlib.suppress(OSError):
-            os.unlink(settings.admin.socket)
-    return EXIT_OK if server.started else EXIT_FAILURE
+    return EXIT_OK if started else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:

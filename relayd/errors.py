@@ -7,7 +7,8 @@ Hierarchy::
     ├── ListenerExists        a listener on that port already exists
     ├── ListenerNotFound      no listener on that port
     ├── BindError             a listener's socket could not be bound
-    └── StateError            the runtime state file could not be written
+    ├── StateError            the runtime state file could not be written
+    └── Stopping              relayd is stopping: no more changes are accepted
 
 Each message is one sentence an operator can act on; ``str(exc)`` is what the
 admin API puts in ``detail`` and what the daemon logs.
@@ -50,3 +51,10 @@ class BindError(RelaydError):
 
 class StateError(RelaydError):
     """The state file could not be written; nothing was changed."""
+
+
+class Stopping(RelaydError):
+    """relayd is draining for a stop: ports and configuration no longer change."""
+
+    def __init__(self) -> None:
+        super().__init__("relayd is stopping; no changes are accepted")

@@ -18,7 +18,7 @@ import base64
 import json
 import logging
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
@@ -171,8 +171,11 @@ class Hub:
         queue_size: int,
         slow_client: Literal["drop", "disconnect"],
         max_clients: int,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._on_change = on_change  # the set of clients changed (STATUS= is debounced there)
+        self.rejected = 0  # subscriptions refused over max_clients
         self.queue_size = queue_size
         self.slow_client = slow_client
         self.max_clients = max_clients
@@ -203,11 +206,13 @@ class Hub:
         if self.closing:
             raise HubClosed
         if len(self._subs) >= self.max_clients:
+            self.rejected += 1
             raise HubFull
         sub = Subscription(self, sink, frozenset(ports) if ports is not None else None, json)
         self._subs.add(sub)
         self._targets.clear()
         self._empty.clear()
+        self._on_change()
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -218,6 +223,7 @@ class Hub:
             self._targets.clear()
             if not self._subs:
                 self._empty.set()
+            self._on_change()
 
     def _targets_for(self, port: int) -> tuple[list[Subscription], list[Subscription]]:
         targets = self._targets.get(port)

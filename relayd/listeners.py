@@ -10,16 +10,19 @@ is published, a trailing partial line as a last message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import os
 import socket
+import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from relayd.config import PortSettings
-from relayd.errors import BindError, ListenerExists, ListenerNotFound
+from relayd.errors import BindError, ListenerExists, ListenerNotFound, Stopping
 from relayd.hub import Hub, Source
 
 logger = logging.getLogger(__name__)
@@ -29,19 +32,36 @@ ACCEPT_BATCH = 4  # connections accepted per event loop iteration (see Listener.
 KEEPALIVE_IDLE = 30  # seconds of silence before the first TCP keepalive probe
 KEEPALIVE_INTERVAL = 10
 KEEPALIVE_COUNT = 3
-CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost
+CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost (port removal)
 
 Origin = Literal["config", "runtime"]
 
 
+def _reason(exc: OSError, host: str) -> str:
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot assign address {host}"
+    return (exc.strerror or str(exc)).lower()
+
+
 def bind_tcp(host: str, port: int) -> socket.socket:
-    """A listening, non-blocking TCP socket; ``BindError`` names port and reason."""
+    """A listening, non-blocking TCP socket; ``BindError`` names port and reason.
+
+    A host name that resolves to several addresses (``localhost``: 127.0.0.1
+    and ::1) binds the first one getaddrinfo(3) returns (relayd.toml(5)).
+    Every OS error (in use, permission, out of file descriptors) is a
+    ``BindError``: one line for the operator, never a traceback.
+    """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise BindError(port, host, f"cannot resolve host {host!r} ({exc.strerror})") from None
+    except OSError as exc:  # pragma: no cover - getaddrinfo fails with gaierror
+        raise BindError(port, host, _reason(exc, host)) from None
     family, _, proto, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    try:
+        sock = socket.socket(family, socket.SOCK_STREAM, proto)
+    except OSError as exc:  # EMFILE, ENFILE, EAFNOSUPPORT ...
+        raise BindError(port, host, _reason(exc, host)) from None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
@@ -49,10 +69,37 @@ def bind_tcp(host: str, port: int) -> socket.socket:
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        reason = (exc.strerror or str(exc)).lower()
-        if exc.errno == errno.EADDRNOTAVAIL:
-            reason = f"cannot assign address {host}"
-        raise BindError(port, host, reason) from None
+        raise BindError(port, host, _reason(exc, host)) from None
+    return sock
+
+
+def bind_unix(path: str) -> socket.socket:
+    """The admin socket, created with mode 0660; a stale socket file is replaced."""
+    target = Path(path)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(target.lstat().st_mode):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(path)
+                    except OSError:
+                        target.unlink()  # nobody listens: stale
+                    else:
+                        raise BindError(0, path, "another relayd is listening on it")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    except OSError as exc:
+        raise BindError(0, path, (exc.strerror or str(exc)).lower()) from None
+    old_umask = os.umask(0o117)
+    try:
+        sock.bind(path)
+        sock.listen(BACKLOG)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise BindError(0, path, (exc.strerror or str(exc)).lower()) from None
+    finally:
+        os.umask(old_umask)
     return sock
 
 
@@ -250,6 +297,7 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._drain_timeout = 0.0
+        self._close_grace = CLOSE_GRACE
         self._task: asyncio.Task[None] | None = None
         self._last_reject_log = 0.0
 
@@ -260,6 +308,17 @@ class Listener:
     @property
     def state(self) -> str:
         return "draining" if self.draining else "listening"
+
+    def snapshot(self) -> dict[str, Any]:
+        """The port object of the admin API (relayd(8)): its settings and live counters."""
+        return {
+            **self.settings.model_dump(),
+            "state": self.state,
+            "source": self.origin,
+            "connections": len(self.connections),
+            "messages_received": self.messages_received,
+            "bytes_received": self.bytes_received,
+        }
 
     async def start(self) -> None:
         """Serve on the pre-bound socket; returns once connections are being accepted."""
@@ -277,10 +336,15 @@ class Listener:
         self._task = asyncio.create_task(self._run(), name=f"listener-{self.port}")
         logger.info("port %d: listening on %s", self.port, self.settings.host)
 
-    def stop(self, drain_timeout: float) -> None:
-        """Set this listener's stop event: drain for up to ``drain_timeout`` seconds."""
+    def stop(self, drain_timeout: float, *, close_grace: float = CLOSE_GRACE) -> None:
+        """Set this listener's stop event: drain for up to ``drain_timeout`` seconds.
+
+        Connections still open then are closed, and get ``close_grace`` seconds
+        to report it. The first call decides; later ones change nothing.
+        """
         if not self._stop.is_set():
             self._drain_timeout = drain_timeout
+            self._close_grace = close_grace
             self._stop.set()
 
     async def wait_closed(self) -> None:
@@ -324,25 +388,11 @@ class Listener:
             for conn in list(self.connections):
                 conn.close()
             try:
-                async with asyncio.timeout(CLOSE_GRACE):
+                async with asyncio.timeout(self._close_grace):
                     await self.idle.wait()
             except TimeoutError:  # pragma: no cover - connection_lost is always called soon
                 logger.warning("port %d: connections did not report closing", self.port)
         logger.info("port %d: closed", self.port)
-
-
-@dataclass(frozen=True)
-class PortSnapshot:
-    port: int
-    host: str
-    name: str | None
-    framing: str
-    max_connections: int
-    state: str
-    source: Origin
-    connections: int
-    messages_received: int
-    bytes_received: int
 
 
 class ListenerRegistry:
@@ -353,9 +403,9 @@ class ListenerRegistry:
         self.max_message = max_message
         self._listeners: dict[int, Listener] = {}
         self._on_change = on_change
-        self.lock = asyncio.Lock()  # serializes add/remove/reload
+        self.closing = False  # set by stop_all: nothing is added any more
 
-    def __contains__(self, port: int) -> bool:
+    def __contains__(self, port: object) -> bool:
         return port in self._listeners
 
     def __len__(self) -> int:
@@ -374,6 +424,10 @@ class ListenerRegistry:
         self, settings: PortSettings, *, origin: Origin, sock: socket.socket | None = None
     ) -> Listener:
         """Bind (unless ``sock`` is given) and start a listener; it accepts when this returns."""
+        if self.closing:
+            if sock is not None:
+                sock.close()
+            raise Stopping
         if settings.port in self._listeners:
             if sock is not None:
                 sock.close()
@@ -404,12 +458,17 @@ class ListenerRegistry:
             self._on_change()
         return listener
 
-    async def drain_all(self, drain_timeout: float) -> None:
-        """Stop every listener at once and wait for all of them."""
-        listeners = list(self._listeners.values())
-        for listener in listeners:
-            listener.stop(drain_timeout)
+    def stop_all(self, drain_timeout: float, *, close_grace: float = CLOSE_GRACE) -> None:
+        """Stop accepting on every listener now; nothing is added after this."""
+        self.closing = True
+        for listener in self._listeners.values():
+            listener.stop(drain_timeout, close_grace=close_grace)
         self._on_change()
+
+    async def drain_all(self, drain_timeout: float, *, close_grace: float = CLOSE_GRACE) -> None:
+        """Stop every listener at once and wait for all of them."""
+        self.stop_all(drain_timeout, close_grace=close_grace)
+        listeners = list(self._listeners.values())
         await asyncio.gather(*(listener.wait_closed() for listener in listeners))
         self._listeners.clear()
         self._on_change()
@@ -418,21 +477,6 @@ class ListenerRegistry:
         self.max_message = max_message
         for listener in self._listeners.values():
             listener.max_message = max_message
-
-    def snapshot(self, listener: Listener) -> PortSnapshot:
-        s = listener.settings
-        return PortSnapshot(
-            port=s.port,
-            host=s.host,
-            name=s.name,
-            framing=s.framing,
-            max_connections=s.max_connections,
-            state=listener.state,
-            source=listener.origin,
-            connections=len(listener.connections),
-            messages_received=listener.messages_received,
-            bytes_received=listener.bytes_received,
-        )
 
     @property
     def tcp_connections(self) -> int:

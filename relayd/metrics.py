@@ -60,7 +60,7 @@ class RelayCollector(Collector):
         yield CounterMetricFamily(
             "relayd_ws_clients_rejected",
             "WebSocket handshakes refused over relay.max_clients",
-            value=runtime.ws_rejected,
+            value=hub.rejected,
         )
 
 

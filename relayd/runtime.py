@@ -14,10 +14,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from relayd import __version__
 from relayd.config import PortSettings, Settings
-from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError
+from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
 from relayd.listeners import Listener, ListenerRegistry, Origin, bind
 from relayd.state import PortState
@@ -26,7 +27,33 @@ from relayd.systemd import Notifier
 logger = logging.getLogger(__name__)
 
 STATUS_DEBOUNCE = 0.25  # seconds: coalesce STATUS= updates during connection bursts
-CLIENT_CLOSE_TIMEOUT = 1.5  # seconds WebSocket clients get to take their last frames on stop
+
+Phase = Literal["starting", "ready", "draining"]
+
+
+class StopBudget:
+    """How long each step of a stop may take: exit within ``drain.timeout`` + 3 s.
+
+    Devices get ``drain.timeout`` to close on their own. The 3 seconds after it
+    are shared, in order, by: closing the devices still connected
+    (``DEVICE_CLOSE``), the WebSocket clients' last frames and close handshake
+    (whatever is left but ``HTTP_RESERVE``), uvicorn's HTTP connections
+    (the rest); ``EXIT_MARGIN`` is kept for the interpreter's own exit.
+    """
+
+    EXTRA = 3.0
+    EXIT_MARGIN = 0.3
+    DEVICE_CLOSE = 0.5
+    HTTP_RESERVE = 0.8
+
+    def __init__(self, drain_timeout: float, *, clock: Callable[[], float] = time.monotonic):
+        self.drain_timeout = drain_timeout
+        self._clock = clock
+        self.deadline = clock() + drain_timeout + self.EXTRA - self.EXIT_MARGIN
+
+    def left(self, reserve: float = 0.0) -> float:
+        """Seconds until the deadline, keeping ``reserve`` for the steps after this one."""
+        return max(0.0, self.deadline - reserve - self._clock())
 
 
 @dataclass
@@ -55,15 +82,14 @@ class Runtime:
             queue_size=relay.queue_size,
             slow_client=relay.slow_client,
             max_clients=relay.max_clients,
+            on_change=self.status_changed,
         )
         self.registry = ListenerRegistry(
             self.hub, max_message=relay.max_message, on_change=self.status_changed
         )
-        self.lock = asyncio.Lock()  # serializes port changes and reloads
-        self.ready = False
-        self.draining = False
+        self.lock = asyncio.Lock()  # serializes port changes, reloads and the drain
+        self.phase: Phase = "starting"
         self.started_at = time.monotonic()
-        self.ws_rejected = 0
         self.http_address = f"{settings.http.host}:{settings.http.port}"
         self._prebound: list[tuple[PortSettings, Origin, socket.socket]] = []
         self._status_handle: asyncio.TimerHandle | None = None
@@ -90,17 +116,36 @@ class Runtime:
         for settings, origin, sock in sorted(prebound, key=lambda item: item[0].port):
             await self.registry.add(settings, origin=origin, sock=sock)
 
-    async def shutdown(self) -> None:
-        """Drain devices, then flush and close every WebSocket client (spec §4)."""
+    def set_ready(self) -> None:
+        self.phase = "ready"
+        self.notifier.ready()
+        self.notifier.status(self.status_text())
+
+    @property
+    def draining(self) -> bool:
+        return self.phase == "draining"
+
+    async def shutdown(self, budget: StopBudget | None = None) -> None:
+        """Drain devices, then flush and close every WebSocket client (relayd(8), STOP).
+
+        Every listener stops accepting at once; the drain then runs under the
+        runtime lock, so a port change or reload in flight finishes first, and
+        none can start (``Stopping``) until the process exits.
+        """
         if self.draining:
             return
-        self.draining = True
+        self.phase = "draining"
+        if budget is None:
+            budget = StopBudget(self.settings.drain.timeout)
         self.notifier.stopping()
         self.notifier.status("stopping: draining connections")
-        timeout = self.settings.drain.timeout
+        timeout = budget.drain_timeout
         logger.info("stopping: draining devices for up to %g s", timeout)
-        await self.registry.drain_all(timeout)
-        await self.hub.close(CLIENT_CLOSE_TIMEOUT)
+        close_grace = StopBudget.DEVICE_CLOSE
+        self.registry.stop_all(timeout, close_grace=close_grace)
+        async with self.lock:
+            await self.registry.drain_all(timeout, close_grace=close_grace)
+        await self.hub.close(budget.left(reserve=StopBudget.HTTP_RESERVE))
         logger.info("stopped relaying")
 
     # Status
@@ -123,7 +168,8 @@ class Runtime:
             "version": __version__,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started_at, 3),
-            "state": "draining" if self.draining else "ready",
+            "state": self.phase,
+            "drain_timeout": self.settings.drain.timeout,
             "http": self.http_address,
             "ports": len(self.registry),
             "tcp_connections": self.registry.tcp_connections,
@@ -135,6 +181,8 @@ class Runtime:
     async def add_port(self, settings: PortSettings) -> Listener:
         """Open a runtime port and persist it; no trace is left when anything fails."""
         async with self.lock:
+            if self.draining:
+                raise Stopping
             if settings.port in self.registry:
                 raise ListenerExists(settings.port)
             sock = bind(settings)
@@ -159,6 +207,8 @@ class Runtime:
     async def remove_port(self, port: int, *, force: bool = False) -> Listener:
         """Persist the removal, then drain that port alone; returns it with final counters."""
         async with self.lock:
+            if self.draining:
+                raise Stopping
             listener = self.registry.get(port)
             if not listener.draining:
                 in_config = any(p.port == port for p in self.settings.ports)
@@ -173,10 +223,19 @@ class Runtime:
     # Reload
 
     async def reload(self) -> ReloadReport:
-        """Re-read the config and reconcile ports; ConfigError leaves everything running."""
+        """Re-read the config and reconcile ports; ConfigError leaves everything running.
+
+        Refused with ``Stopping`` (and no RELOADING=1) once the drain has begun.
+        """
+        if self.draining:
+            logger.warning("reload refused: relayd is stopping")
+            raise Stopping
         self.notifier.reloading()
         try:
             async with self.lock:
+                if self.draining:
+                    logger.warning("reload refused: relayd is stopping")
+                    raise Stopping
                 try:
                     new = self._load_settings()
                 except ConfigError as exc:
@@ -186,8 +245,9 @@ class Runtime:
                 report = await self._reconcile(new)
                 self._apply_settings(new)
         finally:
-            self.notifier.ready()
-            self.status_changed()
+            if not self.draining:
+                self.notifier.ready()
+                self.status_changed()
         logger.info(
             "reloaded: added %s, removed %s, changed %s, failed %s",
             report.added,
@@ -220,7 +280,7 @@ class Runtime:
             )
         )
         for port, (settings, origin) in sorted(desired.items()):
-            if port in self.registry:
+            if port in self.registry or self.draining:
                 continue
             try:
                 await self.registry.add(settings, origin=origin)

@@ -1,4 +1,22 @@
-"""``RelayServer``: uvicorn's server with relayd's readiness, reload and drain."""
+"""The daemon's life in one function: ``serve()`` binds, starts, signals READY, stops.
+
+Everything that happens between exec and exit happens here, in this order
+(relayd(8), START and STOP):
+
+1. bind every socket (device ports, ``[http]``, the admin socket): a port that
+   cannot be bound is one log line and exit 1;
+2. the app's lifespan starts the device listeners on their pre-bound sockets;
+   uvicorn then serves HTTP and the admin API;
+3. ``READY=1``, the watchdog task and the SIGHUP handler;
+4. wait for the shutdown trigger: SIGTERM or SIGINT (uvicorn owns those and
+   re-raises them after the stop), or the injected ``shutdown_trigger``;
+5. ``Runtime.shutdown``: ``STOPPING=1``, drain every device port at once, then
+   flush and close every WebSocket client with 1001;
+6. uvicorn's own shutdown (HTTP connections, lifespan); remove the admin socket.
+
+The stop has one budget (``StopBudget``): devices get ``drain.timeout``, and
+everything after that shares the 3 seconds relayd(8) promises on top of it.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +24,18 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Coroutine
-from types import FrameType
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import uvicorn
 
-from relayd.errors import ConfigError
-from relayd.listeners import BACKLOG, format_peer
-from relayd.runtime import Runtime
+from relayd.errors import BindError, RelaydError
+from relayd.listeners import BACKLOG, bind_tcp, bind_unix, format_peer
+from relayd.runtime import Runtime, StopBudget
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +45,7 @@ ACCEPT_OUT_OF_RESOURCES = "socket.accept() out of system resource"
 ACCEPT_BURST_GAP = 10.0  # seconds without a failed accept() that end a burst
 
 ExceptionHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+ShutdownTrigger = Callable[[], Awaitable[object]]
 
 
 class AcceptErrorHandler:
@@ -85,65 +104,140 @@ def _sockname(sock: Any) -> str:
     return format_peer(name) if isinstance(name, tuple) else str(name)
 
 
-class RelayServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, runtime: Runtime) -> None:
-        super().__init__(config)
-        self.runtime = runtime
+class _Tasks:
+    """Background tasks of the running daemon (watchdog, reloads, the trigger)."""
+
+    def __init__(self) -> None:
         self._tasks: set[asyncio.Task[None]] = set()
-        # A stop signal during startup is held until the main loop runs: uvicorn 0.32
-        # returns without its shutdown (no drain, lifespan cancelled) when should_exit
-        # is already set after startup. A second signal goes through at once.
-        self._starting = True
-        self._held_signals: list[tuple[int, FrameType | None]] = []
 
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self._starting and not self._held_signals:
-            self._held_signals.append((sig, frame))
-            return
-        super().handle_exit(sig, frame)
-
-    async def main_loop(self) -> None:
-        self._starting = False
-        for sig, frame in self._held_signals:
-            super().handle_exit(sig, frame)
-        await super().main_loop()
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets=sockets)
-        if not self.started or self.should_exit:
-            return
-        # uvicorn's asyncio servers listen with, and accept per loop iteration, the
-        # small ``backlog`` daemon.py gives them; lengthen the kernel's queue again.
-        for sock in sockets or ():
-            sock.listen(BACKLOG)
-        loop = asyncio.get_running_loop()
-        # uvicorn leaves SIGHUP alone; its default action would kill the daemon.
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        self._spawn(self.runtime.notifier.run_watchdog())
-        runtime = self.runtime
-        runtime.ready = True
-        runtime.notifier.ready()
-        runtime.notifier.status(runtime.status_text())
-        logger.info("relayd ready: %s", runtime.status_text())
-
-    def request_reload(self) -> None:
-        logger.info("SIGHUP: reloading the configuration")
-        self._spawn(self._reload())
-
-    async def _reload(self) -> None:
-        with contextlib.suppress(ConfigError):  # logged by reload(); everything keeps running
-            await self.runtime.reload()
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_signal_handler(signal.SIGHUP)
-        # Drain before uvicorn's own shutdown, which would close every WebSocket with 1012.
-        await self.runtime.shutdown()
-        for task in self._tasks:
+    def cancel(self) -> None:
+        for task in list(self._tasks):
             task.cancel()
-        await super().shutdown(sockets=sockets)
+
+
+def _bind_all(runtime: Runtime) -> list[socket.socket] | None:
+    """The HTTP and admin sockets (device ports are held by the runtime); None: logged."""
+    settings = runtime.settings
+    try:
+        runtime.bind_all()
+    except BindError as exc:
+        logger.error("cannot listen on port %d (%s): %s", exc.port, exc.host, exc.reason)
+        return None
+    sockets: list[socket.socket] = []
+    try:
+        sockets.append(bind_tcp(settings.http.host, settings.http.port))
+        sockets.append(bind_unix(settings.admin.socket))
+    except BindError as exc:
+        runtime.close_prebound()
+        for sock in sockets:
+            sock.close()
+        if exc.port:
+            logger.error("cannot listen on HTTP port %d (%s): %s", exc.port, exc.host, exc.reason)
+        else:
+            logger.error("cannot create admin socket %s: %s", exc.host, exc.reason)
+        return None
+    return sockets
+
+
+async def serve(
+    runtime: Runtime,
+    make_config: Callable[[], uvicorn.Config],
+    *,
+    shutdown_trigger: ShutdownTrigger | None = None,
+) -> bool:
+    """Run relayd from bind to exit; False when it could not start (logged)."""
+    sockets = _bind_all(runtime)
+    if sockets is None:
+        return False
+    config = make_config()
+    server = uvicorn.Server(config)
+    tasks = _Tasks()
+    loop = asyncio.get_running_loop()
+    accept_errors = AcceptErrorHandler(loop.get_exception_handler())
+    loop.set_exception_handler(accept_errors)
+    admin_path = runtime.settings.admin.socket
+    # uvicorn owns SIGTERM and SIGINT: its handler only sets should_exit, and the
+    # signal is raised again once this block is left (exit status 143 for systemd).
+    with server.capture_signals():
+        try:
+            if await _start(server, runtime, sockets, tasks):
+                if shutdown_trigger is not None:
+                    tasks.spawn(_trigger(shutdown_trigger, server))
+                await server.main_loop()
+            await _stop(server, runtime, sockets, tasks)
+        finally:
+            loop.set_exception_handler(accept_errors.previous)
+            runtime.close_prebound()
+            for sock in sockets:
+                sock.close()
+            # Inside capture_signals: a re-raised SIGTERM ends the process on leaving it.
+            with contextlib.suppress(OSError):
+                os.unlink(admin_path)
+    return server.started
+
+
+async def _trigger(shutdown_trigger: ShutdownTrigger, server: uvicorn.Server) -> None:
+    await shutdown_trigger()
+    server.should_exit = True
+
+
+async def _start(
+    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
+) -> bool:
+    config = server.config
+    if not config.loaded:
+        config.load()
+    server.lifespan = config.lifespan_class(config)
+    try:
+        await server.startup(sockets=sockets)  # the lifespan starts the device listeners
+    except SystemExit:  # uvicorn >= 0.33 exits when the lifespan failed (logged by it)
+        return False
+    if not server.started:
+        return False
+    # uvicorn's asyncio servers listen with, and accept per loop iteration, the small
+    # ``backlog`` of the config; lengthen the kernel's queue again (see Listener.start).
+    for sock in sockets:
+        sock.listen(BACKLOG)
+    if server.should_exit:  # a stop signal arrived while starting: no READY
+        return False
+    loop = asyncio.get_running_loop()
+    # uvicorn leaves SIGHUP alone; its default action would kill the daemon.
+    loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(_reload(runtime)))
+    tasks.spawn(runtime.notifier.run_watchdog())
+    runtime.set_ready()
+    settings = runtime.settings
+    logger.info(
+        "relayd ready: %s; HTTP on %s, admin socket %s",
+        runtime.status_text(),
+        runtime.http_address,
+        settings.admin.socket,
+    )
+    return True
+
+
+async def _reload(runtime: Runtime) -> None:
+    logger.info("SIGHUP: reloading the configuration")
+    with contextlib.suppress(RelaydError):  # logged by reload(); everything keeps running
+        await runtime.reload()
+
+
+async def _stop(
+    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
+) -> None:
+    if not server.started:
+        return
+    budget = StopBudget(runtime.settings.drain.timeout)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+    # Drain before uvicorn's own shutdown, which would close every WebSocket with 1012.
+    await runtime.shutdown(budget)
+    tasks.cancel()
+    # uvicorn sleeps 0.1 s, then waits up to this long for its HTTP connections.
+    grace = max(0.1, round(budget.left() - 0.1, 3))
+    server.config.timeout_graceful_shutdown = grace  # type: ignore[assignment]
+    await server.shutdown(sockets=sockets)

@@ -1,92 +1,115 @@
-"""``WS /ws``: subscribe a WebSocket client to the hub."""
+"""``WS /ws``: what a WebSocket client may subscribe to, decided before the 101.
+
+The connection (``relayd.wsconn``) owns ``/ws`` end to end and asks this
+module once per handshake: ``WsEndpoint.open`` reads the query and either
+subscribes the connection to the hub (before the handshake completes, so
+nothing published after the client sees the connection open is missed),
+refuses it with an HTTP status, or accepts it only to close it at once with a
+WebSocket close code and reason (relayd(8), WEBSOCKET CLIENTS).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Container
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
 
-from fastapi import APIRouter, WebSocket
-
+from relayd.config import RelaySettings
 from relayd.hub import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     HubClosed,
     HubFull,
+    Sink,
+    Subscription,
 )
 from relayd.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter()
+PATH = "/ws"
+MAX_QUERY_FIELDS = 256  # a query with more parameters is refused, not parsed
 
 
-def _parse_query(websocket: WebSocket, runtime: Runtime) -> tuple[list[int] | None, bool]:
-    """Requested ports (None: all) and format; ValueError with a reason for the client."""
-    params = websocket.query_params
-    fmt = params.get("format", "bare")
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    """Complete the handshake: the hub writes to the connection from now on."""
+
+    subscription: Subscription
+    description: str  # for the one log line on open: "ports 8001,8002 (json)"
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Answer the handshake with an HTTP status instead of 101."""
+
+    status: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """Complete the handshake, then close at once with ``code`` and ``reason``."""
+
+    code: int
+    reason: str
+
+
+Decision = Subscribed | Refused | Closed
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    ports: list[int] | None  # None: every port
+    json: bool
+
+
+def parse_query(query: str, known_ports: Container[int]) -> Query | Closed:
+    """``?port=P`` (repeatable) and ``?format=bare|json``; unknown values close with 1008."""
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
+    except ValueError:
+        return Closed(CLOSE_POLICY_VIOLATION, "too many query parameters")
+    fmt = "bare"
+    ports: list[int] = []
+    for key, value in pairs:
+        if key == "format":
+            fmt = value
+        elif key == "port":
+            if not value.isdigit() or int(value) not in known_ports:
+                return Closed(CLOSE_POLICY_VIOLATION, f"unknown port {value[:16]}")
+            ports.append(int(value))
     if fmt not in ("bare", "json"):
-        raise ValueError(f"unknown format {fmt!r} (bare or json)")
-    raw_ports = params.getlist("port")
-    if not raw_ports:
-        return None, fmt == "json"
-    ports = []
-    for raw in raw_ports:
-        if not raw.isdigit() or int(raw) not in runtime.registry:
-            raise ValueError(f"unknown port {raw}")
-        ports.append(int(raw))
-    return ports, fmt == "json"
+        return Closed(CLOSE_POLICY_VIOLATION, f"unknown format {fmt[:16]!r} (bare or json)")
+    return Query(ports or None, fmt == "json")
 
 
-@router.websocket("/ws")
-async def subscribe(websocket: WebSocket) -> None:
-    runtime: Runtime = websocket.app.state.runtime
-    sink: Any = websocket.scope.get("extensions", {}).get("relayd.sink")
-    if sink is None:  # served by a WebSocket implementation other than relayd.wsconn
-        await websocket.close(1011, "relayd needs its own WebSocket protocol")
-        return
-    client = websocket.client
-    peer = f"{client.host}:{client.port}" if client else "admin socket"
-    try:
-        ports, envelope = _parse_query(websocket, runtime)
-    except ValueError as exc:
-        await websocket.accept()
-        await websocket.close(CLOSE_POLICY_VIOLATION, str(exc)[:120])
-        return
-    try:
-        # Subscribe before the handshake completes: nothing published after the
-        # client sees the connection open can be missed.
-        subscription = runtime.hub.subscribe(sink, ports, envelope)
-    except HubFull:
-        await websocket.accept()
-        await websocket.close(CLOSE_TRY_AGAIN_LATER, "too many clients")
-        runtime.ws_rejected += 1
-        return
-    except HubClosed:
-        await websocket.accept()
-        await websocket.close(CLOSE_GOING_AWAY, "relayd is stopping")
-        return
-    sink.attach(subscription)
-    runtime.status_changed()
-    where = "all ports" if ports is None else "ports " + ",".join(map(str, ports))
-    detached = False
-    try:
-        await websocket.accept()
-        logger.info(
-            "websocket client %s subscribed to %s%s", peer, where, " (json)" if envelope else ""
-        )
+class WsEndpoint:
+    """The one owner of ``/ws`` decisions; the connection class gets it explicitly."""
 
-        def closed(code: int) -> None:
-            runtime.hub.unsubscribe(subscription)
-            runtime.status_changed()
-            extra = f", {subscription.dropped} message(s) dropped" if subscription.dropped else ""
-            logger.info("websocket client %s closed (code %s)%s", peer, code, extra)
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
-        # From here the connection needs no task: the hub writes to it directly, and
-        # messages from clients are ignored in v1. closed() runs when it ends.
-        sink.detach(closed)
-        detached = True
-    finally:
-        if not detached:
-            runtime.hub.unsubscribe(subscription)
-            runtime.status_changed()
+    @property
+    def relay(self) -> RelaySettings:
+        """The current ``[relay]`` section: a reload applies to new connections."""
+        return self.runtime.settings.relay
+
+    def open(self, query: str, sink: Sink) -> Decision:
+        runtime = self.runtime
+        parsed = parse_query(query, runtime.registry)
+        if isinstance(parsed, Closed):
+            return parsed
+        try:
+            subscription = runtime.hub.subscribe(sink, parsed.ports, parsed.json)
+        except HubFull:
+            return Closed(CLOSE_TRY_AGAIN_LATER, "too many clients")
+        except HubClosed:
+            return Closed(CLOSE_GOING_AWAY, "relayd is stopping")
+        where = "all ports" if parsed.ports is None else "ports " + ",".join(map(str, parsed.ports))
+        return Subscribed(subscription, where + (" (json)" if parsed.json else ""))
+
+    def closed(self, subscription: Subscription) -> None:
+        self.runtime.hub.unsubscribe(subscription)

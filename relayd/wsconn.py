@@ -1,21 +1,26 @@
-"""The WebSocket connection: uvicorn's ``ws=`` protocol class for relayd.
+"""The WebSocket connection: uvicorn's ``ws=`` protocol class, owner of ``/ws``.
 
-uvicorn parses the HTTP request and hands the upgraded connection to this
-``asyncio.Protocol``. The WebSocket protocol itself (handshake, frame parsing,
-ping/pong, closing handshake, permessage-deflate) is the ``websockets``
-library's sans-I/O ``ServerProtocol``; this class connects it to the transport
-and to the ASGI app, as uvicorn's own implementations do, and adds one thing
-they lack: the hub writes frames it encoded once for every client straight to
-this connection's transport (``scope["extensions"]["relayd.sink"]``), without
-an ASGI ``send`` and a task switch per message per client.
+uvicorn parses the HTTP request and hands every upgrade request to this
+``asyncio.Protocol``. The WebSocket protocol itself (handshake validation,
+frame parsing, ping/pong, closing handshake, permessage-deflate) is the
+``websockets`` library's sans-I/O ``ServerProtocol``. This class connects it to
+the transport and owns the ``/ws`` endpoint end to end, without an ASGI task:
+it asks ``WsEndpoint`` whether and to what the client subscribes before it
+answers 101, and from then on the hub writes the frames it encoded once for
+every client straight to this connection's transport.
+
+uvicorn creates it as ``ws_protocol_class(config=, server_state=, app_state=)``;
+relayd's endpoint reaches it through ``functools.partial`` (see ``protocol_factory``),
+the way uvicorn's own protocols get ``config`` and ``server_state``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
+import functools
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import unquote
@@ -23,9 +28,12 @@ from urllib.parse import unquote
 from websockets.exceptions import InvalidState
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
-from websockets.http11 import Request, Response
+from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+from relayd.listeners import format_peer
+from relayd.ws import PATH, Closed, Refused, Subscribed, WsEndpoint
 
 if TYPE_CHECKING:
     from uvicorn.config import Config
@@ -33,90 +41,65 @@ if TYPE_CHECKING:
 
     from relayd.hub import Subscription
 
-logger = logging.getLogger(__name__)
-# websockets logs every handshake at INFO; relayd logs subscriptions itself (relayd.ws).
+logger = logging.getLogger("relayd.ws")
+# websockets logs every handshake at INFO; relayd logs subscriptions itself.
 protocol_logger = logging.getLogger("relayd.wsconn.protocol")
 protocol_logger.setLevel(logging.WARNING)
 
 MAX_INCOMING = 1 << 20  # clients' messages are ignored: do not buffer much of them
-MAX_INBOX = 16  # client messages queued for the app before reading pauses
 CLOSE_TIMEOUT = 2.0  # seconds the peer gets to answer our close frame
 HIGH_WATER = 256 * 1024  # transport buffer above which the hub keeps frames queued
 
 
-def _addr(info: Any) -> tuple[str, int] | None:
-    if isinstance(info, tuple) and len(info) >= 2 and isinstance(info[1], int):
-        return str(info[0]), info[1]
-    return None
+def protocol_factory(endpoint: WsEndpoint) -> Callable[..., RelayWebSocketProtocol]:
+    """The ``ws=`` class for uvicorn's config, bound to relayd's ``/ws`` endpoint."""
+    return functools.partial(RelayWebSocketProtocol, endpoint=endpoint)
 
 
 class RelayWebSocketProtocol(asyncio.Protocol):
     __slots__ = (
-        "accepted",
-        "app",
-        "app_state",
         "close_sent",
         "conn",
         "connections",
         "deflate",
         "disconnected",
-        "inbox",
+        "endpoint",
         "loop",
-        "on_close",
         "paused",
+        "peer",
         "ping_interval",
         "ping_timeout",
-        "read_paused",
-        "response",
-        "scope",
         "subscription",
-        "tasks",
         "timer",
         "transport",
-        "waiter",
     )
 
     def __init__(
         self,
         config: Config,
         server_state: ServerState,
-        app_state: dict[str, Any],
+        app_state: dict[str, Any] | None = None,
         _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        endpoint: WsEndpoint,
     ) -> None:
-        if not config.loaded:  # pragma: no cover - uvicorn loads it before serving
-            config.load()
-        self.app = config.loaded_app
-        self.app_state = app_state
+        self.endpoint = endpoint
         self.loop = _loop or asyncio.get_running_loop()
         self.connections: set[Any] = server_state.connections
-        self.tasks: set[asyncio.Task[None]] = server_state.tasks
-        # The lifespan state carries the runtime, whose [relay] section a reload may change.
-        relay = getattr(getattr(app_state.get("runtime"), "settings", None), "relay", None)
-        if relay is not None:
-            self.ping_interval = relay.ping_interval
-            self.ping_timeout = relay.ping_timeout
-            deflate = relay.per_message_deflate
-        else:
-            self.ping_interval = config.ws_ping_interval or 0.0
-            self.ping_timeout = config.ws_ping_timeout or 0.0
-            deflate = config.ws_per_message_deflate
-        extensions = [ServerPerMessageDeflateFactory()] if deflate else []
+        relay = endpoint.relay  # read per connection: a reload applies to new clients
+        self.ping_interval = relay.ping_interval
+        self.ping_timeout = relay.ping_timeout
+        extensions = [ServerPerMessageDeflateFactory()] if relay.per_message_deflate else []
         self.conn = ServerProtocol(
             extensions=extensions, max_size=MAX_INCOMING, logger=protocol_logger
         )
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
-        self.scope: dict[str, Any] = {}
+        self.peer = "?"
         self.subscription: Subscription | None = None
-        self.on_close: Callable[[int], None] | None = None  # set by detach()
-        self.response: Response | None = None
-        self.accepted = False
         self.close_sent = False
         self.disconnected = False
         self.deflate = False
         self.paused = False
-        self.read_paused = False
-        self.inbox: collections.deque[dict[str, Any]] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
         self.timer: asyncio.TimerHandle | None = None  # ping, pong deadline or close deadline
 
     # asyncio.Protocol
@@ -125,6 +108,11 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            self.peer = "(admin socket)"
+        else:
+            self.peer = format_peer(transport.get_extra_info("peername"))
 
     def data_received(self, data: bytes) -> None:
         self.conn.receive_data(data)
@@ -135,7 +123,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 self._handle_frame(event)
         self._write_pending()
         if self.conn.parser_exc is not None and not self.transport.is_closing():
-            self._deliver({"type": "websocket.disconnect", "code": self.conn.close_code or 1002})
             self.transport.close()
 
     def eof_received(self) -> bool | None:
@@ -147,13 +134,13 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.connections.discard(self)
         self.disconnected = True
         self._cancel_timer()
-        code = self.conn.close_code if self.conn.close_code is not None else 1006
-        self._deliver({"type": "websocket.disconnect", "code": code})
-        if self.subscription is not None:
-            self.subscription.closed = True
-        if self.on_close is not None:
-            on_close, self.on_close = self.on_close, None
-            on_close(code)
+        subscription, self.subscription = self.subscription, None
+        if subscription is None:
+            return  # never subscribed: refused, or not a /ws request
+        self.endpoint.closed(subscription)
+        dropped = subscription.dropped
+        extra = f", {dropped} message(s) dropped" if dropped else ""
+        logger.info("websocket client %s %s%s", self.peer, self._how_closed(), extra)
 
     def pause_writing(self) -> None:
         self.paused = True
@@ -167,33 +154,12 @@ class RelayWebSocketProtocol(asyncio.Protocol):
 
     def shutdown(self) -> None:
         """Called by uvicorn when the server stops: close with 1001 (going away)."""
-        if self.accepted and not self.close_sent and not self.disconnected:
+        if self.conn.state is State.OPEN:
             self.close(1001, "relayd is stopping")
-        elif not self.accepted:
+        elif self.conn.state is State.CONNECTING:
             self.transport.close()
 
     # Hub sink
-
-    def attach(self, subscription: Subscription) -> None:
-        self.subscription = subscription
-        if self.paused:
-            subscription.pause()
-
-    def detach(self, on_close: Callable[[int], None]) -> None:
-        """The handler is done: the connection lives on without its ASGI task.
-
-        An idle client then costs its transport, this object and its
-        subscription, not a coroutine stack through every middleware.
-        Messages from the client are discarded from now on; ``on_close``
-        runs once with the close code when the connection ends.
-        """
-        self.scope = {}
-        self.response = None
-        self.inbox.clear()
-        if self.disconnected:
-            on_close(self.conn.close_code if self.conn.close_code is not None else 1006)
-        else:
-            self.on_close = on_close
 
     def send_frames(self, frames: list[bytes]) -> None:
         if self.close_sent or self.disconnected:
@@ -222,70 +188,65 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self._write_pending()
         self._cancel_timer()
         self.timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
-        if self.read_paused:
-            self.read_paused = False
-            self.transport.resume_reading()
 
     def abort(self) -> None:
         self.transport.abort()
 
-    # Protocol events
+    # The handshake: /ws and nothing else
 
     def _handle_request(self, request: Request) -> None:
-        response = self.conn.accept(request)
+        response = self.conn.accept(request)  # checks the upgrade headers, negotiates deflate
         if response.status_code != 101:
-            self.conn.send_response(response)
-            self._write_pending()
-            self.transport.close()
+            self._refuse(Refused(response.status_code, "Failed to open a WebSocket connection"))
             return
-        self.response = response
         raw_path, _, query = request.path.partition("?")
-        server = _addr(self.transport.get_extra_info("sockname"))
-        client = _addr(self.transport.get_extra_info("peername"))
-        self.scope = {
-            "type": "websocket",
-            "asgi": {"version": "3.0", "spec_version": "2.3"},
-            "http_version": "1.1",
-            "scheme": "ws",
-            "server": server,
-            "client": client,
-            "root_path": "",
-            "path": unquote(raw_path),
-            "raw_path": raw_path.encode("ascii", "surrogateescape"),
-            "query_string": query.encode("ascii", "surrogateescape"),
-            "headers": [
-                (k.lower().encode("latin-1"), v.encode("latin-1", "surrogateescape"))
-                for k, v in request.headers.raw_items()
-            ],
-            "subprotocols": [],
-            "state": self.app_state.copy(),
-            "extensions": {"relayd.sink": self},
-        }
-        self.inbox.append({"type": "websocket.connect"})
-        task = self.loop.create_task(self._run_asgi())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        if unquote(raw_path) != PATH:
+            self._refuse(Refused(404, "Not Found"))
+            return
+        decision = self.endpoint.open(query, self)
+        if isinstance(decision, Refused):
+            self._refuse(decision)
+            return
+        self.conn.send_response(response)
+        self.deflate = bool(self.conn.extensions)
+        if isinstance(decision, Closed):
+            logger.info(
+                "websocket client %s refused: %s (code %d)",
+                self.peer,
+                decision.reason,
+                decision.code,
+            )
+            self.close(decision.code, decision.reason)
+            return
+        assert isinstance(decision, Subscribed)
+        self.subscription = decision.subscription
+        if self.paused:
+            self.subscription.pause()
+        self._schedule_ping()
+        logger.info("websocket client %s subscribed to %s", self.peer, decision.description)
+
+    def _refuse(self, refusal: Refused) -> None:
+        self.conn.send_response(self.conn.reject(refusal.status, refusal.reason + "\n"))
+        self._write_pending()
+        self.transport.close()
 
     def _handle_frame(self, frame: Frame) -> None:
-        opcode = frame.opcode
-        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
-            if self.close_sent or not frame.fin or self.on_close is not None:
-                return  # ignored: fragmented, closing, or nobody reads them (detached)
-            if opcode is Opcode.TEXT:
-                self._deliver({"type": "websocket.receive", "text": bytes(frame.data).decode()})
-            else:
-                self._deliver({"type": "websocket.receive", "bytes": bytes(frame.data)})
-            if len(self.inbox) >= MAX_INBOX and not self.read_paused:
-                self.read_paused = True
-                self.transport.pause_reading()
-        elif opcode is Opcode.PONG:
+        if frame.opcode is Opcode.PONG:
             if self.timer is not None and not self.close_sent:
                 self._cancel_timer()
                 self._schedule_ping()
-        elif opcode is Opcode.CLOSE:
-            close = self.conn.close_rcvd
-            code = close.code if close is not None else 1005
-            self._deliver({"type": "websocket.disconnect", "code": code})
+        # Text and binary messages from clients are ignored (relayd(8)); ping and
+        # close frames are answered by the websockets protocol itself.
+
+    def _how_closed(self) -> str:
+        """Who closed, with the code and reason actually sent or received."""
+        rcvd, sent = self.conn.close_rcvd, self.conn.close_sent
+        if rcvd is not None and (sent is None or self.conn.close_rcvd_then_sent):
+            return f"closed by the client (code {rcvd.code}{_reason(rcvd.reason)})"
+        if sent is not None:
+            answered = "" if rcvd is not None else ", unanswered"
+            return f"closed by relayd (code {sent.code}{_reason(sent.reason)}{answered})"
+        return "lost the connection (code 1006)"
 
     def _write_pending(self) -> None:
         for data in self.conn.data_to_send():
@@ -313,7 +274,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
 
     def _ping_timed_out(self) -> None:
         self.timer = None
-        logger.info("websocket client %s did not answer a ping: closing", _peer(self.scope))
+        logger.info("websocket client %s did not answer a ping: closing", self.peer)
         self.close(1011, "keepalive ping timeout")
 
     def _cancel_timer(self) -> None:
@@ -321,75 +282,10 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             self.timer.cancel()
             self.timer = None
 
-    # ASGI
 
-    def _deliver(self, message: dict[str, Any]) -> None:
-        if self.inbox and self.inbox[-1]["type"] == "websocket.disconnect":
-            return
-        self.inbox.append(message)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
-    async def receive(self) -> dict[str, Any]:
-        while not self.inbox:
-            self.waiter = self.loop.create_future()
-            await self.waiter
-            self.waiter = None
-        message = self.inbox.popleft()
-        if self.read_paused and len(self.inbox) < MAX_INBOX // 2 and not self.disconnected:
-            self.read_paused = False
-            self.transport.resume_reading()
-        if message["type"] == "websocket.disconnect":
-            self.inbox.appendleft(message)  # every later receive() sees it too
-        return message
-
-    async def send(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if not self.accepted:
-            if kind == "websocket.accept":
-                self.accepted = True
-                if self.disconnected:
-                    return
-                assert self.response is not None
-                self.conn.send_response(self.response)
-                self.response = None
-                self.deflate = bool(self.conn.extensions)
-                self._write_pending()
-                self._schedule_ping()
-            elif kind == "websocket.close":
-                self.accepted = self.close_sent = True
-                self.conn.send_response(self.conn.reject(403, "Forbidden\n"))
-                self._write_pending()
-                self.transport.close()
-            else:
-                raise RuntimeError(f"unexpected ASGI message {kind!r} before accept")
-        elif kind == "websocket.send":
-            if self.close_sent or self.disconnected:
-                return
-            if message.get("bytes") is not None:
-                self.conn.send_binary(message["bytes"])
-            else:
-                self.conn.send_text(message["text"].encode())
-            self._write_pending()
-        elif kind == "websocket.close":
-            self.close(message.get("code", 1000), message.get("reason") or "")
-        else:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-
-    async def _run_asgi(self) -> None:
-        try:
-            await self.app(self.scope, self.receive, self.send)
-        except Exception:
-            logger.exception("error in the websocket handler")
-            if not self.accepted:
-                self.conn.send_response(self.conn.reject(500, "Internal Server Error\n"))
-                self._write_pending()
-            else:
-                self.close(1011, "internal error")
-        if not self.accepted:
-            self.transport.close()
-        elif self.on_close is None and not self.close_sent and not self.disconnected:
-            self.close(1000, "")
+def _reason(reason: str) -> str:
+    """A close reason for a log line: the client chose it, so it is quoted and cut."""
+    return f": {reason[:123]!r}" if reason else ""
 
 
 def _split_frame(frame: bytes) -> tuple[int, bytes]:
@@ -397,8 +293,3 @@ def _split_frame(frame: bytes) -> tuple[int, bytes]:
     n = frame[1] & 0x7F
     offset = 2 if n < 126 else 4 if n == 126 else 10
     return frame[0] & 0x0F, frame[offset:]
-
-
-def _peer(scope: dict[str, Any]) -> str:
-    client = scope.get("client")
-    return f"{client[0]}:{client[1]}" if client else "(unix socket)"

@@ -104,7 +104,8 @@ class Daemon:
     state_dir: Path
     notify: NotifySocket
     task: asyncio.Task[int] | None = None
-    server: Any = None
+    runtime: Any = None
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -119,13 +120,10 @@ class Daemon:
         transport = httpx.AsyncHTTPTransport(uds=str(self.admin_socket))
         return httpx.AsyncClient(transport=transport, base_url="http://relayd")
 
-    @property
-    def runtime(self) -> Any:
-        return self.server.runtime
-
     async def stop(self) -> int:
-        assert self.task is not None and self.server is not None
-        self.server.should_exit = True
+        """Stop it the way SIGTERM does (through the injected shutdown trigger)."""
+        assert self.task is not None
+        self.stop_event.set()
         async with asyncio.timeout(15_000 * MS):
             return await self.task
 
@@ -172,7 +170,8 @@ async def run_daemon(
                 ),
                 state_dir=d.state_dir,
                 admin_token=admin_token,
-                on_server=captured.append,
+                shutdown_trigger=d.stop_event.wait,
+                on_runtime=captured.append,
             )
         )
         ready = asyncio.create_task(notify.wait_for("READY=1"))
@@ -180,7 +179,7 @@ async def run_daemon(
             {d.task, ready}, timeout=10_000 * MS, return_when=asyncio.FIRST_COMPLETED
         )
         if ready in done:
-            d.server = captured[-1]
+            d.runtime = captured[-1]
             break
         ready.cancel()
         if d.task in done:

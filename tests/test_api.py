@@ -50,8 +50,8 @@ async def test_status_and_ports(tmp_path: Path, notify: NotifySocket) -> None:
         assert status["ports"] == 2
         assert status["http"] == f"127.0.0.1:{d.http_port}"
         assert set(status) == {
-            "version", "pid", "uptime_s", "state", "http", "ports", "tcp_connections",
-            "ws_clients",
+            "version", "pid", "uptime_s", "state", "drain_timeout", "http", "ports",
+            "tcp_connections", "ws_clients",
         }  # fmt: skip
         ports = (await admin.get("/v1/ports")).json()
         assert [p["port"] for p in ports] == sorted(d.ports)
@@ -62,6 +62,8 @@ async def test_status_and_ports(tmp_path: Path, notify: NotifySocket) -> None:
             "name": f"dev-{d.ports[0]}",
             "framing": "lines",
             "max_connections": 64,
+            "keepalive": True,
+            "idle_timeout": 0.0,
             "state": "listening",
             "source": "config",
             "connections": 0,

@@ -232,6 +232,8 @@ async def test_status_list_and_show(tmp_path: Path, notify: NotifySocket) -> Non
             "name": f"dev-{a}",
             "framing": "lines",
             "max_connections": 64,
+            "keepalive": True,
+            "idle_timeout": 0.0,
             "state": "listening",
             "source": "config",
             "connections": 0,

@@ -175,9 +175,9 @@ async def test_health_ready_and_metrics(tmp_path: Path, notify: NotifySocket) ->
                 'relayd_messages_dropped_total{reason="queue_full"}',
             ):
                 assert name in text
-            d.runtime.draining = True
+            d.runtime.phase = "draining"
             assert (await client.get("/readyz")).status_code == 503
-            d.runtime.draining = False
+            d.runtime.phase = "ready"
 
 
 async def test_admin_routes_are_not_served_on_http_port(
