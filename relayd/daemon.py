@@ -134,9 +134,14 @@ async def serve(
     ``shutdown_trigger``: stop when this returns, as on SIGTERM (tests use it);
     ``on_runtime`` sees the runtime before anything is bound.
     """
-    notifier = Notifier()
     state = PortState(state_dir)
-    state.load()
+    try:
+        state.load()
+    except ConfigError as exc:
+        for problem in exc.problems:
+            logger.error("%s", problem)
+        return EXIT_CONFIG
+    notifier = Notifier()
     runtime = Runtime(settings, load_settings=load_settings, state=state, notifier=notifier)
     if on_runtime is not None:
         on_runtime(runtime)

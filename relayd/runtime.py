@@ -180,6 +180,8 @@ class Runtime:
 
     async def add_port(self, settings: PortSettings) -> Listener:
         """Open a runtime port and persist it; no trace is left when anything fails."""
+        if self.draining:  # at once: the drain holds the lock until it ends
+            raise Stopping
         async with self.lock:
             if self.draining:
                 raise Stopping
@@ -206,6 +208,8 @@ class Runtime:
 
     async def remove_port(self, port: int, *, force: bool = False) -> Listener:
         """Persist the removal, then drain that port alone; returns it with final counters."""
+        if self.draining:
+            raise Stopping
         async with self.lock:
             if self.draining:
                 raise Stopping

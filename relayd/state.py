@@ -17,12 +17,13 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from relayd.config import PortSettings
-from relayd.errors import StateError
+from relayd.errors import ConfigError, StateError
 from relayd.listeners import Origin
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "ports.json"
+FORMAT_VERSION = 1  # of ports.json; a file from a newer relayd is refused, never misread
 
 
 class _StateModel(BaseModel):
@@ -39,7 +40,13 @@ class PortState:
         self.removed: set[int] = set()
 
     def load(self) -> None:
-        """Read the file; a corrupt one is moved aside and logged, never fatal."""
+        """Read the file; a corrupt one is moved aside and logged.
+
+        A file written by a newer relayd (a higher ``version``) is a ConfigError:
+        reading it with this version's rules could lose ports, and the next save
+        would overwrite it, so the daemon does not start until an operator
+        decides (upgrade relayd again, or move the file aside).
+        """
         self._remove_leftovers()
         try:
             text = self.path.read_bytes()
@@ -48,18 +55,29 @@ class PortState:
         except OSError as exc:
             logger.error("state file %s unreadable (%s): starting from the config", self.path, exc)
             return
+        version = _format_version(text)
+        if version is not None and version > FORMAT_VERSION:
+            raise ConfigError(
+                [
+                    f"state file {self.path} has format version {version}, newer than this "
+                    f"relayd understands ({FORMAT_VERSION}); upgrade relayd, or move the file "
+                    "aside to start from the config"
+                ]
+            )
         try:
             model = _StateModel.model_validate_json(text)
-        except ValidationError as exc:
+            if model.version != FORMAT_VERSION:
+                raise ValueError(f"unknown format version {model.version}")
+        except (ValidationError, ValueError) as exc:
             aside = self.path.with_name(f"{STATE_FILE}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
             try:
                 os.replace(self.path, aside)
             except OSError as move_exc:
                 logger.error("cannot move corrupt state file aside: %s", move_exc)
             logger.error(
-                "state file %s is corrupt (%d problem(s)); moved to %s, starting from the config",
+                "state file %s is corrupt (%s); moved to %s, starting from the config",
                 self.path,
-                exc.error_count(),
+                _first_problem(exc),
                 aside.name,
             )
             return
@@ -110,7 +128,7 @@ class PortState:
     def save(self) -> None:
         """Write atomically; StateError (nothing changed on disk) when that fails."""
         data: dict[str, Any] = {
-            "version": 1,
+            "version": FORMAT_VERSION,
             "added": [p.model_dump() for _, p in sorted(self.added.items())],
             "removed": sorted(self.removed),
         }
@@ -136,3 +154,19 @@ class PortState:
             raise StateError(
                 f"cannot write state file {self.path}: {(exc.strerror or str(exc)).lower()}"
             ) from None
+
+
+def _format_version(text: bytes) -> int | None:
+    """The ``version`` of a state file, when it is a JSON object with an integer one."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def _first_problem(exc: Exception) -> str:
+    if isinstance(exc, ValidationError):
+        return f"{exc.error_count()} problem(s)"
+    return str(exc)

@@ -237,12 +237,15 @@ async def spawn_daemon(
     extra: str = "",
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
+    drain: float = 2.0,
 ) -> AsyncIterator[DaemonProcess]:
     """Start relayd as a subprocess; yield once READY=1 arrived."""
     for _attempt in range(3):
         http_port = free_port()
         ports = [free_port() for _ in range(nports)]
-        cfg = write_config(tmp_path / "relayd.toml", config_text(http_port, ports, extra=extra))
+        cfg = write_config(
+            tmp_path / "relayd.toml", config_text(http_port, ports, extra=extra, drain=drain)
+        )
         log = tmp_path / "relayd.log"
         admin = tmp_path / "admin.sock"
         full_env = {**os.environ, "NOTIFY_SOCKET": str(notify.path), **(env or {})}
