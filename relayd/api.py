@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from relayd import __version__
-from relayd.config import PortNumber, PortSettings, format_loc
+from relayd.config import Host, PortNumber, PortSettings, format_loc
 from relayd.errors import (
     BindError,
     ConfigError,
@@ -51,6 +51,8 @@ class StatusOut(BaseModel):
 
 class PortIn(PortSettings):
     """A port to open now: the keys of a ``[[ports]]`` entry, with the same defaults."""
+
+    host: Host | None = None  # type: ignore[assignment]  # None: [defaults] host
 
 
 class PortOut(PortSettings):
@@ -133,7 +135,8 @@ def create_router(runtime: Runtime) -> APIRouter:
         responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500, 503)},
     )
     async def add_port(body: PortIn) -> PortOut:
-        settings = PortSettings.model_validate(body.model_dump())
+        host = body.host or runtime.settings.defaults.host
+        settings = PortSettings.model_validate({**body.model_dump(), "host": host})
         listener = await runtime.add_port(settings)
         return port_out(listener)
 

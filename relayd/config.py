@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from relayd.errors import ConfigError
 
@@ -14,6 +23,43 @@ DEFAULT_CONFIG = Path("/etc/relayd/relayd.toml")
 
 PortNumber = Annotated[int, Field(ge=1, le=65535)]
 Host = Annotated[str, Field(min_length=1, max_length=255)]
+FilePath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+def _network(value: str) -> str:
+    """A source network for ``allow``: an address or CIDR, IPv4 or IPv6, normalized."""
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP network (e.g. 192.0.2.0/24)") from None
+
+
+def _origin(value: str) -> str:
+    """A browser origin for ``allowed_origins``: ``scheme://host[:port]``, or ``*``."""
+    if value == "*":
+        return value
+    parts = urlsplit(value)
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.path not in ("", "/")
+        or parts.query
+        or parts.fragment
+        or parts.username
+    ):
+        raise ValueError(f"{value!r} is not an origin (e.g. https://dash.example:8443)")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
+
+
+Network = Annotated[str, Field(max_length=64), AfterValidator(_network)]
+Origin = Annotated[str, Field(max_length=512), AfterValidator(_origin)]
 
 
 class _Model(BaseModel):
@@ -23,6 +69,34 @@ class _Model(BaseModel):
 class HttpSettings(_Model):
     host: Host = "0.0.0.0"
     port: PortNumber = 8000
+    allowed_origins: Annotated[list[Origin], Field(max_length=256)] = []
+    handshake_timeout: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    tls_client_ca: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+class AuthSettings(_Model):
+    mode: Literal["token", "none"] = "none"
+    metrics: Literal["token", "public"] = "token"
+    jwt_key_file: FilePath | None = None
+    jwt_audience: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+
+
+class DefaultsSettings(_Model):
+    host: Host = "0.0.0.0"
 
 
 class AdminSettings(_Model):
@@ -46,20 +120,64 @@ class DrainSettings(_Model):
 
 class PortSettings(_Model):
     port: PortNumber
-    host: Host = "0.0.0.0"
+    host: Host = "0.0.0.0"  # [defaults] host where the file names none (Settings)
     name: Annotated[str, Field(max_length=128)] | None = None
     framing: Literal["lines", "raw"] = "lines"
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     keepalive: bool = True
     idle_timeout: Annotated[float, Field(ge=0, le=86400 * 365)] = 0.0
+    allow: Annotated[list[Network], Field(max_length=1024)] = []
+    tls: bool = False
+    tls_cert: FilePath | None = None
+    tls_key: FilePath | None = None
+    client_ca: FilePath | None = None
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if not self.tls and (self.tls_cert or self.client_ca):
+            raise ValueError("tls_cert, tls_key and client_ca need tls = true")
+        return self
 
 
 class Settings(_Model):
     http: HttpSettings = HttpSettings()
     admin: AdminSettings = AdminSettings()
+    auth: AuthSettings = AuthSettings()
+    defaults: DefaultsSettings = DefaultsSettings()
     relay: RelaySettings = RelaySettings()
     drain: DrainSettings = DrainSettings()
     ports: list[PortSettings] = []
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_host(cls, data: Any) -> Any:
+        """``[[ports]]`` entries without ``host`` take ``[defaults] host``."""
+        if not isinstance(data, dict):
+            return data
+        defaults = data.get("defaults")
+        host = defaults.get("host") if isinstance(defaults, dict) else None
+        ports = data.get("ports")
+        if isinstance(host, str) and isinstance(ports, list):
+            data = {
+                **data,
+                "ports": [
+                    {"host": host, **p} if isinstance(p, dict) and "host" not in p else p
+                    for p in ports
+                ],
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _tls_defaults(self) -> Self:
+        for port in self.ports:
+            if port.tls and port.tls_cert is None and not self.http.tls:
+                raise ValueError(
+                    f"port {port.port}: tls = true needs tls_cert and tls_key, "
+                    "on the port or in [http]"
+                )
+        return self
 
     @model_validator(mode="after")
     def _unique_ports(self) -> Self:
@@ -161,8 +279,10 @@ def format_validation_error(exc: ValidationError) -> list[str]:
         if error["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         elif error["type"] == "value_error":
-            # Our own validators put the key into the message already.
-            lines.append(str(error["ctx"]["error"]) if "ctx" in error else error["msg"])
+            # Our own validators' messages, after the key they are about (a validator
+            # of the whole file names the key in its message itself).
+            msg = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+            lines.append(f"{key}: {msg}" if key and not msg.startswith(key) else msg)
         else:
             msg = error["msg"]
             lines.append(f"{key}: {msg}" if key else msg)
