@@ -170,10 +170,10 @@ class LinesFramer(Framer):
         if self._partial:
             data = self._partial + data
         size = self.max_message
+        if b"\r" in data:  # a CR right before each LF goes: one pass in C, not one per line
+            data = data.replace(b"\r\n", b"\n")
         messages = data.split(b"\n")  # one split; most reads hold many short lines
         partial = messages.pop()
-        if b"\r" in data:
-            messages = [m[:-1] if m[-1:] == b"\r" else m for m in messages]
         if len(data) > size:  # only then can a line need cutting
             if messages and max(map(len, messages)) > size:
                 messages = [piece for m in messages for piece in _cut(m, size)]
