@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from relayd.config import PortSettings
 from relayd.errors import BindError, ListenerExists, ListenerNotFound, Stopping
+from relayd.framing import FramingError, make_framer
 from relayd.hub import Hub, Source
 
 logger = logging.getLogger(__name__)
@@ -114,36 +115,6 @@ def format_peer(peer: object) -> str:
     return str(peer or "?")
 
 
-def _cut(data: bytes, size: int) -> list[bytes]:
-    """Pieces of at most ``size`` bytes, not cut inside a UTF-8 sequence where avoidable."""
-    pieces = []
-    start = 0
-    while len(data) - start > size:
-        cut = back = start + size
-        while back > start and back > cut - 3 and 0x80 <= data[back] < 0xC0:
-            back -= 1  # data[cut] continues a sequence: look for its lead byte
-        if back > start and data[back] >= 0xC0:
-            cut = back
-        pieces.append(data[start:cut])
-        start = cut
-    pieces.append(data[start:])
-    return pieces
-
-
-def _incomplete_utf8_tail(data: bytes) -> int:
-    """Length of a UTF-8 sequence cut short at the end of ``data`` (0 if none)."""
-    for i in range(1, min(4, len(data)) + 1):
-        byte = data[-i]
-        if byte < 0x80:
-            return 0
-        if byte > 0xF4:
-            return 0  # never part of UTF-8
-        if byte >= 0xC0:
-            need = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
-            return i if i < need else 0
-    return 0
-
-
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection: framing, counting, publishing."""
 
@@ -152,9 +123,7 @@ class DeviceConnection(asyncio.Protocol):
         self.hub = listener.hub
         self.transport: asyncio.Transport | None = None
         self.source: Source | None = None
-        self.partial = b""
-        self.max_message = listener.max_message
-        self.lines = listener.settings.framing == "lines"
+        self.framer = make_framer(listener.settings.framing, max_message=listener.max_message)
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -184,34 +153,15 @@ class DeviceConnection(asyncio.Protocol):
         listener.bytes_received += len(data)
         if self.idle_timer is not None:
             self.last_data = time.monotonic()
-        if self.partial:
-            data = self.partial + data
-        size = self.max_message
-        if self.lines:
-            messages = data.split(b"\n")
-            partial = messages.pop()
-            if b"\r" in data:
-                messages = [m[:-1] if m[-1:] == b"\r" else m for m in messages]
-            if len(data) > size:
-                if messages and max(map(len, messages)) > size:
-                    messages = [piece for m in messages for piece in _cut(m, size)]
-                if len(partial) >= size:
-                    pieces = _cut(partial, size)
-                    partial = pieces.pop()
-                    messages += pieces
-        else:
-            tail = 0 if data.isascii() else _incomplete_utf8_tail(data)
-            partial = data[len(data) - tail :]
-            if tail:
-                data = data[:-tail]
-            messages = _cut(data, size) if len(data) > size else [data] if data else []
-        self.partial = partial
-        if b"" in messages:  # blank lines carry no data and are not relayed
-            messages = [m for m in messages if m]
+        framer = self.framer
+        messages = framer.feed(data)
         if messages:
             listener.messages_received += len(messages)
             assert self.source is not None
-            self.hub.publish(self.source, messages, data.isascii())
+            self.hub.publish(self.source, messages, framer.text)
+        if framer.error is not None:  # e.g. a length over max_message: stop reading
+            self._framing_error(framer.error)
+            self.close()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost delivers the rest
@@ -222,14 +172,15 @@ class DeviceConnection(asyncio.Protocol):
             return  # rejected at connection_made
         if self.idle_timer is not None:
             self.idle_timer.cancel()
-        partial = self.partial
-        if self.lines and partial.endswith(b"\r"):
-            partial = partial[:-1]
-        if partial:  # a trailing partial line (or an unfinished UTF-8 tail) is the last message
+        framer = self.framer
+        failed = framer.error is not None  # already reported
+        messages = framer.close()  # a trailing partial line, or an unfinished UTF-8 tail
+        if messages:
             assert self.source is not None
-            listener.messages_received += 1
-            self.hub.publish(self.source, [partial])
-        self.partial = b""
+            listener.messages_received += len(messages)
+            self.hub.publish(self.source, messages)
+        if framer.error is not None and not failed:
+            self._framing_error(framer.error)
         listener.connections.discard(self)
         if not listener.connections:
             listener.idle.set()
@@ -242,6 +193,15 @@ class DeviceConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    def _framing_error(self, error: FramingError) -> None:
+        logger.warning(
+            "port %d: device %s: framing error %s: %s",
+            self.listener.port,
+            self.source.peer if self.source else "?",
+            error.reason,
+            error.detail,
+        )
 
     def _check_idle(self) -> None:
         timeout = self.listener.settings.idle_timeout

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd.config import PortSettings
+from relayd.framing import _cut
 from relayd.hub import Source
-from relayd.listeners import DeviceConnection, Listener, _cut
+from relayd.listeners import DeviceConnection, Listener
 
 
 class RecordingHub:
