@@ -16,7 +16,6 @@ from relayd import __version__, server
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
 from relayd.errors import ConfigError
-from relayd.listeners import ACCEPT_BATCH
 from relayd.runtime import Runtime
 from relayd.server import ShutdownTrigger
 from relayd.state import PortState
@@ -143,6 +142,13 @@ async def serve(
         return EXIT_CONFIG
     notifier = Notifier()
     runtime = Runtime(settings, load_settings=load_settings, state=state, notifier=notifier)
+    try:
+        runtime.load_tls()
+    except ConfigError as exc:
+        notifier.close()
+        for problem in exc.problems:
+            logger.error("%s", problem)
+        return EXIT_CONFIG
     if on_runtime is not None:
         on_runtime(runtime)
 
@@ -155,9 +161,7 @@ async def serve(
             access_log=False,
             server_header=False,
             proxy_headers=False,
-            # Connections accepted per loop iteration; relayd.server lengthens the
-            # kernel's queue again after uvicorn listens.
-            backlog=ACCEPT_BATCH,
+            http="h11",  # relayd.http11 builds on it, whether httptools is installed or not
         )
 
     try:

@@ -78,10 +78,14 @@ class Source:
     port: int
     name: str | None
     peer: str
+    device: str | None = None  # the TLS client certificate's CN, when the port asks for one
     json_prefix: bytes = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        head = json.dumps({"port": self.port, "name": self.name, "peer": self.peer})
+        fields: dict[str, object] = {"port": self.port, "name": self.name, "peer": self.peer}
+        if self.device is not None:
+            fields["device"] = self.device
+        head = json.dumps(fields)
         object.__setattr__(self, "json_prefix", (head[:-1] + ', "ts": "').encode())
 
 

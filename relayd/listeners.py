@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import socket
+import ssl
 import stat
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +28,7 @@ from relayd.config import PortSettings
 from relayd.errors import BindError, ListenerExists, ListenerNotFound, Stopping
 from relayd.framing import FramingError, make_framer
 from relayd.hub import Hub, Source
+from relayd.tls import FailureLog, failure_reason, handshake, peer_identity
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +40,18 @@ KEEPALIVE_COUNT = 3
 CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost (port removal)
 
 Origin = Literal["config", "runtime"]
+RejectReason = Literal["max_connections", "not_allowed", "tls", "draining"]
+REJECT_REASONS: tuple[RejectReason, ...] = ("max_connections", "not_allowed", "tls", "draining")
+
+
+@dataclass(frozen=True)
+class ListenerEnv:
+    """What every listener shares: the hub, and the TLS settings of the running daemon."""
+
+    hub: Hub
+    tls_context: Callable[[int], ssl.SSLContext | None] = lambda port: None
+    handshake_timeout: Callable[[], float] = lambda: 10.0
+    tls_failures: FailureLog = field(default_factory=FailureLog)
 
 
 def _reason(exc: OSError, host: str) -> str:
@@ -123,6 +139,7 @@ class DeviceConnection(asyncio.Protocol):
         self.hub = listener.hub
         self.transport: asyncio.Transport | None = None
         self.source: Source | None = None
+        self.peer = "?"
         self.framer = make_framer(listener.settings.framing, max_message=listener.max_message)
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -130,23 +147,61 @@ class DeviceConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self.listener
         assert isinstance(transport, asyncio.Transport)
-        if listener.draining or len(listener.connections) >= listener.settings.max_connections:
-            listener.reject()
+        peername = transport.get_extra_info("peername")
+        self.peer = format_peer(peername)
+        refusal = listener.refusal(peername)
+        if refusal is not None:  # before a byte is read
+            listener.reject(refusal, self.peer)
             transport.abort()
             return
         self.transport = transport
         listener.connections.add(self)
         listener.idle.clear()
-        peer = format_peer(transport.get_extra_info("peername"))
-        self.source = Source(listener.port, listener.settings.name, peer)
         sock = transport.get_extra_info("socket")
         if listener.settings.keepalive and sock is not None:
             _enable_keepalive(sock)
+        context = listener.env.tls_context(listener.port)
+        if context is None:
+            self._open(None)
+            return
+        transport.pause_reading()  # the client's hello is for the TLS handshake
+        task = asyncio.get_running_loop().create_task(self._handshake(transport, context))
+        listener.handshakes.add(task)
+        task.add_done_callback(listener.handshakes.discard)
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        listener = self.listener
+        try:
+            handover = await handshake(transport, context, listener.env.handshake_timeout())
+        except OSError as exc:
+            listener.rejected["tls"] += 1
+            listener.env.tls_failures.failed(
+                f"port {listener.port}", self.peer, failure_reason(exc)
+            )
+            self._forget()
+            return
+        tls = handover.transport
+        assert tls is not None
+        tls.set_protocol(self)
+        self.transport = tls
+        self._open(peer_identity(tls))
+        handover.replay(self)
+
+    def _open(self, device: str | None) -> None:
+        listener = self.listener
+        self.source = Source(listener.port, listener.settings.name, self.peer, device)
         if listener.settings.idle_timeout > 0:
             self.last_data = time.monotonic()
             loop = asyncio.get_running_loop()
             self.idle_timer = loop.call_later(listener.settings.idle_timeout, self._check_idle)
-        logger.info("port %d: device %s connected", listener.port, peer)
+        who = f"{self.peer} ({device})" if device else self.peer
+        logger.info("port %d: device %s connected", listener.port, who)
+
+    def _forget(self) -> None:
+        listener = self.listener
+        listener.connections.discard(self)
+        if not listener.connections:
+            listener.idle.set()
 
     def data_received(self, data: bytes) -> None:
         listener = self.listener
@@ -168,8 +223,8 @@ class DeviceConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
-        if self.transport is None:
-            return  # rejected at connection_made
+        if self.source is None:
+            return  # refused at connection_made, or its TLS handshake failed
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         framer = self.framer
@@ -181,10 +236,8 @@ class DeviceConnection(asyncio.Protocol):
             self.hub.publish(self.source, messages)
         if framer.error is not None and not failed:
             self._framing_error(framer.error)
-        listener.connections.discard(self)
-        if not listener.connections:
-            listener.idle.set()
-        peer = self.source.peer if self.source else "?"
+        self._forget()
+        peer = self.peer
         if exc is not None:
             logger.info("port %d: device %s disconnected (%s)", listener.port, peer, exc)
         else:
@@ -237,19 +290,22 @@ class Listener:
         self,
         settings: PortSettings,
         sock: socket.socket,
-        hub: Hub,
+        env: ListenerEnv,
         *,
         origin: Origin,
         max_message: int,
     ) -> None:
         self.settings = settings
         self.origin: Origin = origin
-        self.hub = hub
+        self.env = env
+        self.hub = env.hub
         self.max_message = max_message
+        self.allow = [ipaddress.ip_network(net) for net in settings.allow]
         self.connections: set[DeviceConnection] = set()
+        self.handshakes: set[asyncio.Task[None]] = set()
         self.messages_received = 0
         self.bytes_received = 0
-        self.rejected = 0
+        self.rejected: dict[RejectReason, int] = dict.fromkeys(REJECT_REASONS, 0)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
@@ -314,16 +370,26 @@ class Listener:
             self._sock.close()
             self._sock = None
 
-    def reject(self) -> None:
-        self.rejected += 1
+    def refusal(self, peername: object) -> RejectReason | None:
+        """Why a new connection from ``peername`` is refused, or None to take it."""
+        if self.draining:
+            return "draining"
+        if self.allow and not _allowed(peername, self.allow):
+            return "not_allowed"
+        if len(self.connections) >= self.settings.max_connections:
+            return "max_connections"
+        return None
+
+    def reject(self, reason: RejectReason, peer: str) -> None:
+        self.rejected[reason] += 1
         now = time.monotonic()
         if now - self._last_reject_log > 10:
             self._last_reject_log = now
-            logger.warning(
-                "port %d: connection refused (%s)",
-                self.port,
-                "draining" if self.draining else f"max_connections={self.settings.max_connections}",
-            )
+            detail = {
+                "max_connections": f"max_connections={self.settings.max_connections}",
+                "not_allowed": "not in allow",
+            }.get(reason, reason)
+            logger.warning("port %d: connection from %s refused (%s)", self.port, peer, detail)
 
     async def _run(self) -> None:
         await self._stop.wait()
@@ -358,8 +424,18 @@ class Listener:
 class ListenerRegistry:
     """The one map of port to listener."""
 
-    def __init__(self, hub: Hub, *, max_message: int, on_change: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        max_message: int,
+        on_change: Callable[[], None],
+        tls_context: Callable[[int], ssl.SSLContext | None] = lambda port: None,
+        handshake_timeout: Callable[[], float] = lambda: 10.0,
+        tls_failures: FailureLog | None = None,
+    ) -> None:
         self.hub = hub
+        self.env = ListenerEnv(hub, tls_context, handshake_timeout, tls_failures or FailureLog())
         self.max_message = max_message
         self._listeners: dict[int, Listener] = {}
         self._on_change = on_change
@@ -394,7 +470,7 @@ class ListenerRegistry:
             raise ListenerExists(settings.port)
         if sock is None:
             sock = bind(settings)
-        listener = Listener(settings, sock, self.hub, origin=origin, max_message=self.max_message)
+        listener = Listener(settings, sock, self.env, origin=origin, max_message=self.max_message)
         self._listeners[settings.port] = listener
         try:
             await listener.start()
@@ -441,3 +517,17 @@ class ListenerRegistry:
     @property
     def tcp_connections(self) -> int:
         return sum(len(listener.connections) for listener in self._listeners.values())
+
+
+def _allowed(
+    peername: object, networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+) -> bool:
+    if not isinstance(peername, tuple) or not peername:
+        return False
+    try:
+        address = ipaddress.ip_address(str(peername[0]).partition("%")[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)

@@ -38,15 +38,16 @@ class RelayCollector(Collector):
         )
         rejected = CounterMetricFamily(
             "relayd_tcp_connections_rejected",
-            "Device connections refused (max_connections or draining)",
-            labels=["port"],
+            "Device connections refused, by reason (max_connections, not_allowed, tls, draining)",
+            labels=["port", "reason"],
         )
         for listener in listeners:
             port = [str(listener.port)]
             connections.add_metric(port, len(listener.connections))
             received.add_metric(port, listener.messages_received)
             received_bytes.add_metric(port, listener.bytes_received)
-            rejected.add_metric(port, listener.rejected)
+            for why, count in listener.rejected.items():
+                rejected.add_metric([*port, why], count)
         yield from (connections, received, received_bytes, rejected)
         yield CounterMetricFamily(
             "relayd_messages_sent", "Messages written to WebSocket clients", value=hub.messages_sent
@@ -57,6 +58,14 @@ class RelayCollector(Collector):
         for reason, count in hub.dropped.items():
             dropped.add_metric([reason], count)
         yield dropped
+        http_rejected = CounterMetricFamily(
+            "relayd_http_connections_closed",
+            "[http] connections closed before their request: failed TLS handshake or timeout",
+            labels=["reason"],
+        )
+        for reason, count in runtime.http_rejected.items():
+            http_rejected.add_metric([reason], count)
+        yield http_rejected
         yield CounterMetricFamily(
             "relayd_ws_clients_rejected",
             "WebSocket handshakes refused over relay.max_clients",

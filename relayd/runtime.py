@@ -11,12 +11,13 @@ import asyncio
 import logging
 import os
 import socket
+import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from relayd import __version__
+from relayd import __version__, tls
 from relayd.config import PortSettings, Settings
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
@@ -84,8 +85,19 @@ class Runtime:
             max_clients=relay.max_clients,
             on_change=self.status_changed,
         )
+        # TLS contexts: [http]'s, and each TLS device port's by port number. A reload
+        # builds new ones from the files and swaps them in for new handshakes.
+        self.http_tls: ssl.SSLContext | None = None
+        self.port_tls: dict[int, ssl.SSLContext] = {}
+        self.tls_failures = tls.FailureLog()
+        self.http_rejected = {"tls": 0, "timeout": 0}  # [http] connections closed early
         self.registry = ListenerRegistry(
-            self.hub, max_message=relay.max_message, on_change=self.status_changed
+            self.hub,
+            max_message=relay.max_message,
+            on_change=self.status_changed,
+            tls_context=self.port_tls.get,
+            handshake_timeout=lambda: self.settings.http.handshake_timeout,
+            tls_failures=self.tls_failures,
         )
         self.lock = asyncio.Lock()  # serializes port changes, reloads and the drain
         self.phase: Phase = "starting"
@@ -93,6 +105,43 @@ class Runtime:
         self.http_address = f"{settings.http.host}:{settings.http.port}"
         self._prebound: list[tuple[PortSettings, Origin, socket.socket]] = []
         self._status_handle: asyncio.TimerHandle | None = None
+
+    # TLS
+
+    def load_tls(self) -> None:
+        """Read every certificate and key the daemon starts with; ConfigError names the file."""
+        ports = [p for p, _ in self.state.apply(self.settings.ports).values()]
+        self.http_tls, contexts = self._tls_contexts(self.settings, ports)
+        self.port_tls.clear()
+        self.port_tls.update(contexts)
+
+    @staticmethod
+    def _tls_contexts(
+        settings: Settings, ports: Iterable[PortSettings]
+    ) -> tuple[ssl.SSLContext | None, dict[int, ssl.SSLContext]]:
+        http = settings.http
+        http_tls = None
+        if http.tls_cert is not None and http.tls_key is not None:
+            http_tls = tls.server_context("http", http.tls_cert, http.tls_key, http.tls_client_ca)
+        contexts = {}
+        for port in ports:
+            if not port.tls:
+                continue
+            cert, key = port.tls_cert or http.tls_cert, port.tls_key or http.tls_key
+            if cert is None or key is None:
+                raise ConfigError(
+                    [f"port {port.port}: tls = true needs tls_cert and tls_key, "
+                     "on the port or in [http]"]
+                )  # fmt: skip
+            contexts[port.port] = tls.server_context(f"port {port.port}", cert, key, port.client_ca)
+        return http_tls, contexts
+
+    def http_handshake_failed(self, peer: str, exc: BaseException) -> None:
+        self.http_rejected["tls"] += 1
+        self.tls_failures.failed("http", peer, tls.failure_reason(exc))
+
+    def http_timed_out(self) -> None:
+        self.http_rejected["timeout"] += 1
 
     # Start and stop
 
@@ -187,6 +236,7 @@ class Runtime:
                 raise Stopping
             if settings.port in self.registry:
                 raise ListenerExists(settings.port)
+            _, contexts = self._tls_contexts(self.settings, [settings])
             sock = bind(settings)
             new_state = self.state.with_added(settings)
             try:
@@ -194,6 +244,7 @@ class Runtime:
             except RelaydError:
                 sock.close()
                 raise
+            self.port_tls.update(contexts)
             try:
                 listener = await self.registry.add(settings, origin="runtime", sock=sock)
             except BaseException:  # not serving after all (it closed the socket): undo the save
@@ -242,10 +293,17 @@ class Runtime:
                     raise Stopping
                 try:
                     new = self._load_settings()
+                    # [http] keeps its running values until a restart; its files are re-read.
+                    effective = new.model_copy(update={"http": self.settings.http})
+                    ports = [p for p, _ in self.state.apply(new.ports).values()]
+                    http_tls, contexts = self._tls_contexts(effective, ports)
                 except ConfigError as exc:
                     for problem in exc.problems:
                         logger.error("reload rejected: %s", problem)
                     raise
+                self.http_tls = http_tls
+                self.port_tls.clear()
+                self.port_tls.update(contexts)
                 report = await self._reconcile(new)
                 self._apply_settings(new)
         finally:

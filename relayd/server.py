@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import os
 import signal
@@ -34,8 +35,10 @@ from typing import Any
 import uvicorn
 
 from relayd.errors import BindError, RelaydError
-from relayd.listeners import BACKLOG, bind_tcp, bind_unix, format_peer
+from relayd.http11 import RelayHttpProtocol
+from relayd.listeners import ACCEPT_BATCH, BACKLOG, bind_tcp, bind_unix, format_peer
 from relayd.runtime import Runtime, StopBudget
+from relayd.tls import TlsAcceptor
 
 logger = logging.getLogger(__name__)
 
@@ -194,15 +197,14 @@ async def _start(
         config.load()
     server.lifespan = config.lifespan_class(config)
     try:
-        await server.startup(sockets=sockets)  # the lifespan starts the device listeners
+        # The lifespan starts the device listeners. No sockets for uvicorn itself:
+        # relayd serves HTTP on its own pre-bound sockets, just below.
+        await server.startup(sockets=[])
     except SystemExit:  # uvicorn >= 0.33 exits when the lifespan failed (logged by it)
         return False
     if not server.started:
         return False
-    # uvicorn's asyncio servers listen with, and accept per loop iteration, the small
-    # ``backlog`` of the config; lengthen the kernel's queue again (see Listener.start).
-    for sock in sockets:
-        sock.listen(BACKLOG)
+    server.servers.extend(await _serve_http(server, runtime, sockets))
     if server.should_exit:  # a stop signal arrived while starting: no READY
         return False
     loop = asyncio.get_running_loop()
@@ -218,6 +220,48 @@ async def _start(
         settings.admin.socket,
     )
     return True
+
+
+async def _serve_http(
+    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket]
+) -> list[asyncio.Server]:
+    """Serve ``[http]`` (with TLS when configured) and the admin socket.
+
+    Each connection gets uvicorn's h11 protocol with relayd's handshake deadline
+    (relayd.http11); on a TLS ``[http]`` the TLS handshake comes first, with the
+    same deadline, on the context of the last start or reload.
+    """
+    config = server.config
+    http_protocol = functools.partial(
+        RelayHttpProtocol,
+        config=config,
+        server_state=server.server_state,
+        app_state=server.lifespan.state,
+        handshake_timeout=lambda: runtime.settings.http.handshake_timeout,
+        on_timeout=runtime.http_timed_out,
+    )
+    http_sock, admin_sock = sockets
+    http_factory: Callable[[], asyncio.Protocol] = http_protocol
+    if runtime.http_tls is not None:
+
+        def http_factory() -> asyncio.Protocol:
+            return TlsAcceptor(
+                http_protocol,
+                context=lambda: runtime.http_tls,  # type: ignore[arg-type, return-value]
+                timeout=lambda: runtime.settings.http.handshake_timeout,
+                on_failure=runtime.http_handshake_failed,
+                tasks=server.server_state.tasks,
+            )
+
+    loop = asyncio.get_running_loop()
+    servers = []
+    for sock, factory in ((http_sock, http_factory), (admin_sock, http_protocol)):
+        # asyncio accepts up to ``backlog`` connections per loop iteration and listens
+        # with the same number: keep the batch small, then lengthen the kernel's queue
+        # again (see Listener.start).
+        servers.append(await loop.create_server(factory, sock=sock, backlog=ACCEPT_BATCH))
+        sock.listen(BACKLOG)
+    return servers
 
 
 async def _reload(runtime: Runtime) -> None:

@@ -85,8 +85,9 @@ def config_text(
     extra: str = "",
     port_extra: str = "",
     drain: float = 2.0,
+    http_extra: str = "",
 ) -> str:
-    text = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n\n'
+    text = f'[http]\nhost = "127.0.0.1"\nport = {http_port}\n{http_extra}\n'
     text += f"[drain]\ntimeout = {drain}\n\n{extra}\n"
     for port in ports:
         text += f'[[ports]]\nport = {port}\nhost = "127.0.0.1"\nname = "dev-{port}"\n{port_extra}\n'
@@ -139,6 +140,7 @@ async def run_daemon(
     admin_token: str | None = None,
     ports: list[int] | None = None,
     drain: float = 2.0,
+    http_extra: str = "",
 ) -> AsyncIterator[Daemon]:
     """Start relayd in-process on fresh loopback ports; yield once READY=1 arrived.
 
@@ -151,7 +153,14 @@ async def run_daemon(
         listen = fixed_ports or [free_port() for _ in range(nports)]
         cfg = write_config(
             tmp_path / "relayd.toml",
-            config_text(http_port, listen, extra=extra, port_extra=port_extra, drain=drain),
+            config_text(
+                http_port,
+                listen,
+                extra=extra,
+                port_extra=port_extra,
+                drain=drain,
+                http_extra=http_extra,
+            ),
         )
         d = Daemon(
             config=cfg,

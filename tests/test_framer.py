@@ -24,7 +24,7 @@ from relayd.framing import (
     _cut,
     make_framer,
 )
-from relayd.listeners import DeviceConnection, Listener
+from relayd.listeners import DeviceConnection, Listener, ListenerEnv
 from tests.test_framing import FakeTransport, RecordingHub, split
 
 PREFIXES: list[LengthPrefix] = ["u8", "u16be", "u16le", "u32be", "u32le"]
@@ -467,7 +467,7 @@ def connection(framer: Framer) -> tuple[DeviceConnection, RecordingHub, list[boo
         listener = Listener(
             PortSettings(port=8001, keepalive=False),
             sock,
-            hub,  # type: ignore[arg-type]
+            ListenerEnv(hub),  # type: ignore[arg-type]
             origin="config",
             max_message=100,
         )

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from relayd.config import PortSettings
 from relayd.framing import _cut
 from relayd.hub import Source
-from relayd.listeners import DeviceConnection, Listener
+from relayd.listeners import DeviceConnection, Listener, ListenerEnv
 
 
 class RecordingHub:
@@ -48,7 +48,7 @@ def feed(chunks: list[bytes], *, framing: str = "lines", max_message: int = 6553
         listener = Listener(
             PortSettings(port=8001, framing=framing, keepalive=False),  # type: ignore[arg-type]
             sock,
-            hub,  # type: ignore[arg-type]
+            ListenerEnv(hub),  # type: ignore[arg-type]
             origin="config",
             max_message=max_message,
         )
@@ -158,7 +158,7 @@ def test_over_max_connections_is_rejected_and_counted(framing: str) -> None:
         listener = Listener(
             PortSettings(port=8001, framing=framing, max_connections=1),  # type: ignore[arg-type]
             sock,
-            hub,  # type: ignore[arg-type]
+            ListenerEnv(hub),  # type: ignore[arg-type]
             origin="config",
             max_message=100,
         )
@@ -166,4 +166,4 @@ def test_over_max_connections_is_rejected_and_counted(framing: str) -> None:
         first.connection_made(FakeTransport())
         second.connection_made(FakeTransport())
         assert len(listener.connections) == 1
-        assert listener.rejected == 1
+        assert listener.rejected["max_connections"] == 1

@@ -140,9 +140,11 @@ async def test_out_of_descriptors_an_admin_add_is_one_json_sentence(
 async def test_out_of_descriptors_at_start_is_one_line_and_exit_1(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
-    ports = [free_port() for _ in range(40)]
+    ports: set[int] = set()
+    while len(ports) < 40:
+        ports.add(free_port())
     cfg = tmp_path / "relayd.toml"
-    cfg.write_text(config_text(free_port(), ports))
+    cfg.write_text(config_text(free_port(), sorted(ports)))
 
     def few_descriptors() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))

@@ -149,10 +149,13 @@ async def test_max_connections(tmp_path: Path, notify: NotifySocket) -> None:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(5_000 * MS):
             assert await loop.sock_recv(extra, 10) == b""  # closed at once
-        assert d.runtime.registry.get(port).rejected == 1
+        assert d.runtime.registry.get(port).rejected["max_connections"] == 1
         async with httpx.AsyncClient() as client:
             text = (await client.get(f"{d.url}/metrics")).text
-        assert f'relayd_tcp_connections_rejected_total{{port="{port}"}} 1.0' in text
+        assert (
+            f'relayd_tcp_connections_rejected_total{{port="{port}",reason="max_connections"}} 1.0'
+            in text
+        )
         for s in [*held, extra]:
             s.close()
 

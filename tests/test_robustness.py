@@ -730,7 +730,9 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
     assert len(refused) == expect_refused
     assert flood["held"] == limit - held
     assert status["tcp_connections"] == limit
-    rejected = metric(metrics, f'relayd_tcp_connections_rejected_total{{port="{port}"}}')
+    rejected = metric(
+        metrics, f'relayd_tcp_connections_rejected_total{{port="{port}",reason="max_connections"}}'
+    )
     assert rejected == expect_refused
     seqs: dict[str, list[int]] = {}
     for dev, seq in got:
