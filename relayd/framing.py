@@ -19,9 +19,10 @@ by feeding it bytes (``tests/test_framer.py``), like websockets'
     ``error``. Nothing is fed after ``close``.
 
 Errors are values, not exceptions: ``error`` is ``None`` or a
-``FramingError`` whose ``reason`` is the ``reason`` label of
-``relayd_framing_errors_total``. It is set once and stays; from then on
-``feed`` and ``close`` return nothing.
+``FramingError``, whose ``reason`` is what the owner counts (the ``reason``
+label of ``relayd_framing_errors_total``) and whose ``detail`` it logs. It
+is set once and stays; from then on ``feed`` and ``close`` return nothing.
+``lines``, ``raw`` and ``delimiter`` never fail.
 
 - ``too_long``: a ``length`` prefix over ``max_message``. The owner closes
   the connection; messages returned with or before the error are valid.
@@ -58,12 +59,14 @@ The framings (relayd.toml(5) ``framing``):
     Each frame is an unsigned length prefix (``u8``, ``u16be``, ``u16le``,
     ``u32be``, ``u32le``) counting the payload bytes that follow; the
     payload is the message (a zero length is an empty message, not
-    relayed). A length over ``max_message`` is the error ``too_long``; a
-    partial frame at end of stream is dropped, error ``partial``.
+    relayed). A length over ``max_message`` is the error ``too_long``, seen
+    as soon as the prefix arrives; a partial frame at end of stream is
+    dropped, error ``partial``. At most the prefix plus ``max_message``
+    bytes are held between reads.
 ``fixed`` (``FixedFramer``)
-    Each message is exactly ``size`` bytes; a frame longer than
-    ``max_message`` is cut like a long line. A partial frame at end of
-    stream is dropped, error ``partial``.
+    Each message is exactly ``size`` bytes (all of them relayed, even if
+    they are zeros); a frame longer than ``max_message`` is cut like a long
+    line. A partial frame at end of stream is dropped, error ``partial``.
 
 Every framing gives the same messages however the stream is split into
 reads (the property tests check this), with one exception by design:
