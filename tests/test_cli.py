@@ -46,7 +46,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relayd import __version__, cli
+from relayd import __version__, cli, cli_output, cli_transport
 
 TIMEOUT = 10.0 * float(os.environ.get("RELAYD_TEST_TIMEOUT_SCALE", "1"))
 RELAYCTL = Path(sys.executable).with_name("relayctl")
@@ -490,12 +490,12 @@ def no_traceback(text: str) -> None:
     ],
 )
 def test_human_bytes(n: int, text: str) -> None:
-    assert cli.human_bytes(n) == text
+    assert cli_output.human_bytes(n) == text
 
 
 @given(st.integers(min_value=1024, max_value=1024**5 - 1))
 def test_human_bytes_keeps_the_number_below_1024(n: int) -> None:
-    number, unit = cli.human_bytes(n).split()
+    number, unit = cli_output.human_bytes(n).split()
     assert unit in ("KiB", "MiB", "GiB", "TiB", "PiB")
     assert 1.0 <= float(number) < 1024
 
@@ -505,32 +505,32 @@ def test_human_bytes_keeps_the_number_below_1024(n: int) -> None:
     [(0, "0s"), (59.9, "59s"), (61, "1m 1s"), (3723.5, "1h 2m"), (93784, "1d 2h"), (-3, "0s")],
 )
 def test_human_duration(seconds: float, text: str) -> None:
-    assert cli.human_duration(seconds) == text
+    assert cli_output.human_duration(seconds) == text
 
 
 @given(st.binary())
 def test_escape_bytes_is_one_printable_line_that_decodes_back(data: bytes) -> None:
-    line = cli.escape_bytes(data)
+    line = cli_output.escape_bytes(data)
     assert line.isascii() and line.isprintable()
     assert codecs.escape_decode(line.encode())[0] == data
 
 
 @given(st.text())
 def test_escape_text_leaves_no_control_character(text: str) -> None:
-    line = cli.escape_text(text)
+    line = cli_output.escape_text(text)
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
     if text.isprintable():
         assert line == text
 
 
 def test_escapes() -> None:
-    assert cli.escape_bytes(b"\x00ab\\\xff\r\n\t") == "\\x00ab\\\\\\xff\\r\\n\\t"
-    assert cli.escape_text("\x1b[31mred\x1b[0m\ttab\n") == "\\x1b[31mred\\x1b[0m\\ttab\\n"
-    assert cli.escape_text("café ✓ \\") == "café ✓ \\"
+    assert cli_output.escape_bytes(b"\x00ab\\\xff\r\n\t") == "\\x00ab\\\\\\xff\\r\\n\\t"
+    assert cli_output.escape_text("\x1b[31mred\x1b[0m\ttab\n") == "\\x1b[31mred\\x1b[0m\\ttab\\n"
+    assert cli_output.escape_text("café ✓ \\") == "café ✓ \\"
 
 
 def test_table_aligns_columns() -> None:
-    text = cli.table(["A", "LONG"], [["xyz", "1"], ["", "22"]], right={1})
+    text = cli_output.table(["A", "LONG"], [["xyz", "1"], ["", "22"]], right={1})
     assert text.splitlines() == ["A    LONG", "xyz     1", "       22"]
 
 
@@ -548,7 +548,7 @@ def test_table_aligns_columns() -> None:
 )
 def test_closed_message(close: Close | None, code: int, message: str) -> None:
     exc = ConnectionClosed(close, None)
-    got_code, got_message = cli.closed_message(cli.Target(socket="/s"), exc)
+    got_code, got_message = cli_transport.closed_message(cli_transport.Target(socket="/s"), exc)
     assert got_code == code
     assert message in got_message
 
@@ -601,7 +601,7 @@ def test_status() -> None:
         "ws clients       1",
     ]
     assert lines[8] == ""
-    assert lines[9].split() == list(cli.PORT_COLUMNS)
+    assert lines[9].split() == list(cli_output.PORT_COLUMNS)
     assert [s.path for s in state.seen] == ["/v1/status", "/v1/ports"]
 
 
@@ -617,7 +617,7 @@ def test_ports_list_is_an_aligned_table() -> None:
     result = invoke(["ports", "list"], mock(state))
     assert result.exit_code == 0
     header, first, second = result.stdout.splitlines()
-    assert header.split() == list(cli.PORT_COLUMNS)
+    assert header.split() == list(cli_output.PORT_COLUMNS)
     assert first.split() == [
         "8001",
         "scale-1",
@@ -1007,10 +1007,10 @@ def test_main_never_shows_a_traceback(
     code: int,
     stderr: str,
 ) -> None:
-    def broken(self: cli.Target) -> httpx.Client:
+    def broken(self: cli_transport.Target) -> httpx.Client:
         raise exc
 
-    monkeypatch.setattr(cli.Target, "client", broken)
+    monkeypatch.setattr(cli_transport.Target, "client", broken)
     assert cli.main(["status"]) == code
     captured = capsys.readouterr()
     assert captured.err == stderr
