@@ -25,12 +25,14 @@ from relayd.cli_output import (
     EXIT_REFUSED,
     EXIT_USAGE,
     count,
+    draining_note,
     escape_message,
     fail,
     human_bytes,
     human_duration,
     key_values,
     labelled,
+    note,
     ports_table,
     seconds,
     text,
@@ -337,6 +339,12 @@ def ports_remove(
 ) -> None:
     """Drain and close listener PORT; print its final counters."""
     target = target_of(ctx)
+    if not force:
+        # The drain can take drain.timeout: say so first (on stderr), once the port
+        # is known to exist, so an unknown port is still one line and exit 1.
+        p = answer_object(target, call(target, "GET", f"/v1/ports/{port}"))
+        info = answer_object(target, call(target, "GET", "/v1/status"))
+        note(draining_note(p, info.get("drain_timeout")))
     params = {"force": "true"} if force else None
     response = call(target, "DELETE", f"/v1/ports/{port}", params=params, patient=True)
     if as_json:

@@ -21,8 +21,13 @@ EXIT_INTERRUPTED = 130
 
 def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     """Print one ``relayctl: …`` line on stderr and exit with ``code``."""
-    typer.echo(f"relayctl: {' '.join(message.split())}", err=True)
+    note(message)
     raise typer.Exit(code)
+
+
+def note(message: str) -> None:
+    """Print one ``relayctl: …`` line on stderr and go on: progress, not a failure."""
+    typer.echo(f"relayctl: {' '.join(message.split())}", err=True)
 
 
 _BYTE_ESCAPES = [
@@ -102,7 +107,19 @@ def seconds(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 
 
-PORT_COLUMNS = ("PORT", "NAME", "HOST", "FRAMING", "STATE", "SOURCE", "CONNS", "MESSAGES", "BYTES")
+# The columns relayctl(1) names under ``ports list``; MAXCONN is max_connections.
+PORT_COLUMNS = (
+    "PORT",
+    "NAME",
+    "HOST",
+    "FRAMING",
+    "MAXCONN",
+    "STATE",
+    "SOURCE",
+    "CONNS",
+    "MESSAGES",
+    "BYTES",
+)
 
 
 def ports_table(ports: list[dict[str, Any]]) -> str:
@@ -112,6 +129,7 @@ def ports_table(ports: list[dict[str, Any]]) -> str:
             text(p.get("name")),
             text(p.get("host")),
             text(p.get("framing")),
+            text(p.get("max_connections")),
             text(p.get("state")),
             text(p.get("source")),
             str(count(p.get("connections"))),
@@ -120,7 +138,7 @@ def ports_table(ports: list[dict[str, Any]]) -> str:
         )
         for p in ports
     ]
-    return table(PORT_COLUMNS, rows, right={0, 6, 7, 8})
+    return table(PORT_COLUMNS, rows, right={0, 4, 7, 8, 9})
 
 
 def key_values(pairs: Sequence[tuple[str, str]]) -> str:
@@ -132,3 +150,14 @@ def labelled(port: dict[str, Any]) -> str:
     """``port 8004 (gps-1)``, or ``port 8004`` without a name."""
     name = port.get("name")
     return f"port {text(port.get('port'))}" + (f" ({text(name)})" if name else "")
+
+
+def draining_note(port: dict[str, Any], drain_timeout: Any) -> str:
+    """What ``ports remove`` says before it waits: the port drains, and for how long at most.
+
+    ``drain_timeout`` is ``GET /v1/status``'s field; without it the limit is
+    named by its config key instead of a number.
+    """
+    valid = isinstance(drain_timeout, int | float) and not isinstance(drain_timeout, bool)
+    limit = f"{drain_timeout:g} s" if valid and drain_timeout >= 0 else "drain.timeout"
+    return f"{labelled(port)} is draining: devices still connected get up to {limit} to close"

@@ -108,10 +108,11 @@ class FakeState:
                 messages_received=12,
                 bytes_received=1234,
             ),
-            8002: port_object(8002, framing="raw", source="config"),
+            8002: port_object(8002, framing="raw", source="config", max_connections=8),
         }
     )
     busy: set[int] = field(default_factory=set)  # binding these fails
+    drain_timeout: float | None = 5.0  # None: a relayd whose status lacks the field
     reload_result: dict[str, Any] = field(
         default_factory=lambda: {"added": [], "removed": [], "changed": [], "failed": []}
     )
@@ -138,7 +139,7 @@ class FakeState:
             return 401, {"detail": "missing or invalid bearer token"}
         parts = path.strip("/").split("/")
         if (method, path) == ("GET", "/v1/status"):
-            return 200, {
+            status = {
                 "version": __version__,
                 "pid": 4242,
                 "uptime_s": 3723.5,
@@ -148,6 +149,9 @@ class FakeState:
                 "tcp_connections": sum(p["connections"] for p in self.ports.values()),
                 "ws_clients": 1,
             }
+            if self.drain_timeout is not None:
+                status["drain_timeout"] = self.drain_timeout
+            return 200, status
         if (method, path) == ("GET", "/v1/ports"):
             return 200, [self.ports[p] for p in sorted(self.ports)]
         if (method, path) == ("POST", "/v1/ports"):
@@ -623,6 +627,7 @@ def test_ports_list_is_an_aligned_table() -> None:
         "scale-1",
         "0.0.0.0",
         "lines",
+        "64",
         "listening",
         "config",
         "2",
@@ -635,6 +640,7 @@ def test_ports_list_is_an_aligned_table() -> None:
         "-",
         "0.0.0.0",
         "raw",
+        "8",
         "listening",
         "config",
         "0",
@@ -646,6 +652,8 @@ def test_ports_list_is_an_aligned_table() -> None:
         at = header.index(column)
         assert first[at - 2 : at] == "  " and second[at - 2 : at] == "  "
     assert first.endswith("1.2 KiB") and second.endswith("  0 B")  # right-aligned
+    at = header.index("MAXCONN") + len("MAXCONN")
+    assert first[at - 3 : at] == " 64" and second[at - 2 : at] == " 8"
     assert len(first) == len(second) == len(header)
 
 
@@ -770,6 +778,37 @@ def test_ports_remove_prints_the_final_counters() -> None:
     assert (state.seen[-1].method, state.seen[-1].path) == ("DELETE", "/v1/ports/8001")
     assert state.seen[-1].query == {}
     assert 8001 not in state.ports
+
+
+@pytest.mark.parametrize(
+    ("drain_timeout", "limit"), [(5.0, "5 s"), (2.5, "2.5 s"), (0, "0 s"), (None, "drain.timeout")]
+)
+def test_ports_remove_says_first_that_the_port_drains_and_for_how_long(
+    drain_timeout: float | None, limit: str
+) -> None:
+    state = FakeState(drain_timeout=drain_timeout)
+    result = invoke(["ports", "remove", "8001"], mock(state))
+    assert result.exit_code == 0
+    assert result.stderr == (
+        f"relayctl: port 8001 (scale-1) is draining: devices still connected get up to {limit}"
+        " to close\n"
+    )
+    # Said before the DELETE, which waits for the drain.
+    assert [(s.method, s.path) for s in state.seen] == [
+        ("GET", "/v1/ports/8001"),
+        ("GET", "/v1/status"),
+        ("DELETE", "/v1/ports/8001"),
+    ]
+
+
+def test_ports_remove_force_and_json() -> None:
+    state = FakeState()
+    result = invoke(["ports", "remove", "8002", "--force"], mock(state))
+    assert (result.exit_code, result.stderr) == (0, "")  # no drain, nothing to wait for
+    assert [s.method for s in state.seen] == ["DELETE"]
+    result = invoke(["ports", "remove", "8001", "--json"], mock(FakeState()))
+    assert result.stderr.startswith("relayctl: port 8001 (scale-1) is draining: ")
+    assert json.loads(result.stdout)["port"] == 8001  # stdout is the JSON alone
 
 
 def test_ports_remove_force() -> None:
@@ -1112,7 +1151,12 @@ def test_tail_url_without_a_daemon_exits_69() -> None:
         (["ports", "add", "8004", "--name", "scale-4"], 0, "port 8004 listening (scale-4)\n", ""),
         (["ports", "add", "8001"], 1, "", "relayctl: port 8001 is already a listener\n"),
         (["ports", "add", "65536"], 2, "", "Error: Invalid value for"),
-        (["ports", "remove", "8001"], 0, "port 8001 (scale-1) removed: 12 messages", ""),
+        (
+            ["ports", "remove", "8001"],
+            0,
+            "port 8001 (scale-1) removed: 12 messages",
+            "relayctl: port 8001 (scale-1) is draining: ",
+        ),
         (["reload"], 0, "reloaded: no changes\n", ""),
         ([], 2, "", "Usage: relayctl"),
     ],

@@ -212,11 +212,12 @@ async def test_status_list_and_show(tmp_path: Path, notify: NotifySocket) -> Non
         assert (listed.code, listed.err) == (0, "")
         rows = table_rows(listed.out)
         assert rows["PORT"] == [
-            "PORT", "NAME", "HOST", "FRAMING", "STATE", "SOURCE", "CONNS", "MESSAGES", "BYTES",
+            "PORT", "NAME", "HOST", "FRAMING", "MAXCONN", "STATE", "SOURCE", "CONNS", "MESSAGES",
+            "BYTES",
         ]  # fmt: skip
         for port in (a, b):
             assert rows[str(port)] == [
-                str(port), f"dev-{port}", "127.0.0.1", "lines", "listening", "config",
+                str(port), f"dev-{port}", "127.0.0.1", "lines", "64", "listening", "config",
                 "0", "0", "0", "B",
             ]  # fmt: skip
         assert list(rows) == ["PORT", str(a), str(b)]
@@ -292,8 +293,14 @@ async def test_add_and_remove_ports(tmp_path: Path, notify: NotifySocket) -> Non
             assert (await finish(tail)).code in (0, 130)
 
         removed = await ctl(d, "ports", "remove", str(port))
-        assert removed == Result(
-            0, f"port {port} (scale-9) removed: 1 messages, 7 B received\n", ""
+        assert (removed.code, removed.out) == (
+            0,
+            f"port {port} (scale-9) removed: 1 messages, 7 B received\n",
+        )
+        limit = (await admin.get("/v1/status")).json().get("drain_timeout")  # or not (yet)
+        assert removed.err == (
+            f"relayctl: port {port} (scale-9) is draining: devices still connected get up to"
+            f" {'drain.timeout' if limit is None else f'{limit:g} s'} to close\n"
         )
         refused(await ctl(d, "ports", "remove", str(port)), f"port {port} is not a listener")
         refused(await ctl(d, "ports", "show", str(port)), f"port {port} is not a listener")
