@@ -6,11 +6,16 @@
 # under $RELAYD_CI_CACHE (default /var/cache/relayd-ci). A root is rebuilt
 # when it is missing, when the package list it was built with changed, or
 # when it is older than $RELAYD_CI_ROOT_MAX_AGE_DAYS (default 30) days.
+#
+# Mirrors: by default mmdebstrap picks them itself (the suite, its -updates and
+# its -security). $RELAYD_CI_MIRROR (e.g. a local apt cache) replaces them with
+# that mirror for the suite and -updates, plus $RELAYD_CI_SECURITY_MIRROR for
+# -security when it is set too (without it the root has no security updates).
 
 RELAYD_CI_CACHE=${RELAYD_CI_CACHE:-/var/cache/relayd-ci}
 RELAYD_CI_SUITE=${RELAYD_CI_SUITE:-trixie}
-RELAYD_CI_MIRROR=${RELAYD_CI_MIRROR:-http://deb.debian.org/debian}
-RELAYD_CI_SECURITY_MIRROR=${RELAYD_CI_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
+RELAYD_CI_MIRROR=${RELAYD_CI_MIRROR:-}
+RELAYD_CI_SECURITY_MIRROR=${RELAYD_CI_SECURITY_MIRROR:-}
 RELAYD_CI_ROOT_MAX_AGE_DAYS=${RELAYD_CI_ROOT_MAX_AGE_DAYS:-30}
 
 # The clean environment every command in a root runs with.
@@ -46,8 +51,17 @@ ensure_host_tools() {
 # with PACKAGES (comma-separated) installed, building it when needed.
 ensure_root() {
 	local name=$1 variant=$2 include=$3
-	local dir=$RELAYD_CI_CACHE/$name stamp key
-	key="suite=$RELAYD_CI_SUITE variant=$variant include=$include mirror=$RELAYD_CI_MIRROR security=$RELAYD_CI_SECURITY_MIRROR"
+	local dir=$RELAYD_CI_CACHE/$name stamp key mirrors=()
+	if [ -n "$RELAYD_CI_MIRROR" ]; then
+		mirrors=("deb $RELAYD_CI_MIRROR $RELAYD_CI_SUITE main"
+			"deb $RELAYD_CI_MIRROR $RELAYD_CI_SUITE-updates main")
+		if [ -n "$RELAYD_CI_SECURITY_MIRROR" ]; then
+			mirrors+=("deb $RELAYD_CI_SECURITY_MIRROR $RELAYD_CI_SUITE-security main")
+		fi
+	elif [ -n "$RELAYD_CI_SECURITY_MIRROR" ]; then
+		die "RELAYD_CI_SECURITY_MIRROR needs RELAYD_CI_MIRROR (without both, mmdebstrap picks the mirrors)"
+	fi
+	key="suite=$RELAYD_CI_SUITE variant=$variant include=$include mirrors=${mirrors[*]:-default}"
 	stamp=$dir/.relayd-ci-stamp
 	mkdir -p "$RELAYD_CI_CACHE"
 	(
@@ -61,11 +75,11 @@ ensure_root() {
 		local tmp=$dir.new.$$ started=$SECONDS attempt
 		for attempt in 1 2; do # a second try for a flaky mirror
 			rm -rf "$tmp"
+			# No mirror given: mmdebstrap 1.x uses its defaults (stdin only for
+			# the mirror "-"); /dev/null keeps older ones from waiting on stdin.
 			mmdebstrap --quiet --mode=root --format=directory --variant="$variant" \
 				--aptopt='Acquire::Retries "3"' --include="$include" "$RELAYD_CI_SUITE" "$tmp" \
-				"deb $RELAYD_CI_MIRROR $RELAYD_CI_SUITE main" \
-				"deb $RELAYD_CI_MIRROR $RELAYD_CI_SUITE-updates main" \
-				"deb $RELAYD_CI_SECURITY_MIRROR $RELAYD_CI_SUITE-security main" >&2 && break
+				${mirrors[@]+"${mirrors[@]}"} </dev/null >&2 && break
 			rm -rf "$tmp"
 			[ "$attempt" = 2 ] && die "mmdebstrap failed for $dir"
 			log "mmdebstrap failed; trying once more"

@@ -46,7 +46,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relayd import __version__, cli
+from relayd import __version__, cli, cli_output, cli_transport
 
 TIMEOUT = 10.0 * float(os.environ.get("RELAYD_TEST_TIMEOUT_SCALE", "1"))
 RELAYCTL = Path(sys.executable).with_name("relayctl")
@@ -108,10 +108,11 @@ class FakeState:
                 messages_received=12,
                 bytes_received=1234,
             ),
-            8002: port_object(8002, framing="raw", source="config"),
+            8002: port_object(8002, framing="raw", source="config", max_connections=8),
         }
     )
     busy: set[int] = field(default_factory=set)  # binding these fails
+    drain_timeout: float | None = 5.0  # None: a relayd whose status lacks the field
     reload_result: dict[str, Any] = field(
         default_factory=lambda: {"added": [], "removed": [], "changed": [], "failed": []}
     )
@@ -138,7 +139,7 @@ class FakeState:
             return 401, {"detail": "missing or invalid bearer token"}
         parts = path.strip("/").split("/")
         if (method, path) == ("GET", "/v1/status"):
-            return 200, {
+            status = {
                 "version": __version__,
                 "pid": 4242,
                 "uptime_s": 3723.5,
@@ -148,6 +149,9 @@ class FakeState:
                 "tcp_connections": sum(p["connections"] for p in self.ports.values()),
                 "ws_clients": 1,
             }
+            if self.drain_timeout is not None:
+                status["drain_timeout"] = self.drain_timeout
+            return 200, status
         if (method, path) == ("GET", "/v1/ports"):
             return 200, [self.ports[p] for p in sorted(self.ports)]
         if (method, path) == ("POST", "/v1/ports"):
@@ -490,12 +494,12 @@ def no_traceback(text: str) -> None:
     ],
 )
 def test_human_bytes(n: int, text: str) -> None:
-    assert cli.human_bytes(n) == text
+    assert cli_output.human_bytes(n) == text
 
 
 @given(st.integers(min_value=1024, max_value=1024**5 - 1))
 def test_human_bytes_keeps_the_number_below_1024(n: int) -> None:
-    number, unit = cli.human_bytes(n).split()
+    number, unit = cli_output.human_bytes(n).split()
     assert unit in ("KiB", "MiB", "GiB", "TiB", "PiB")
     assert 1.0 <= float(number) < 1024
 
@@ -505,32 +509,32 @@ def test_human_bytes_keeps_the_number_below_1024(n: int) -> None:
     [(0, "0s"), (59.9, "59s"), (61, "1m 1s"), (3723.5, "1h 2m"), (93784, "1d 2h"), (-3, "0s")],
 )
 def test_human_duration(seconds: float, text: str) -> None:
-    assert cli.human_duration(seconds) == text
+    assert cli_output.human_duration(seconds) == text
 
 
 @given(st.binary())
 def test_escape_bytes_is_one_printable_line_that_decodes_back(data: bytes) -> None:
-    line = cli.escape_bytes(data)
+    line = cli_output.escape_bytes(data)
     assert line.isascii() and line.isprintable()
     assert codecs.escape_decode(line.encode())[0] == data
 
 
 @given(st.text())
 def test_escape_text_leaves_no_control_character(text: str) -> None:
-    line = cli.escape_text(text)
+    line = cli_output.escape_text(text)
     assert not any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in line)
     if text.isprintable():
         assert line == text
 
 
 def test_escapes() -> None:
-    assert cli.escape_bytes(b"\x00ab\\\xff\r\n\t") == "\\x00ab\\\\\\xff\\r\\n\\t"
-    assert cli.escape_text("\x1b[31mred\x1b[0m\ttab\n") == "\\x1b[31mred\\x1b[0m\\ttab\\n"
-    assert cli.escape_text("café ✓ \\") == "café ✓ \\"
+    assert cli_output.escape_bytes(b"\x00ab\\\xff\r\n\t") == "\\x00ab\\\\\\xff\\r\\n\\t"
+    assert cli_output.escape_text("\x1b[31mred\x1b[0m\ttab\n") == "\\x1b[31mred\\x1b[0m\\ttab\\n"
+    assert cli_output.escape_text("café ✓ \\") == "café ✓ \\"
 
 
 def test_table_aligns_columns() -> None:
-    text = cli.table(["A", "LONG"], [["xyz", "1"], ["", "22"]], right={1})
+    text = cli_output.table(["A", "LONG"], [["xyz", "1"], ["", "22"]], right={1})
     assert text.splitlines() == ["A    LONG", "xyz     1", "       22"]
 
 
@@ -548,7 +552,7 @@ def test_table_aligns_columns() -> None:
 )
 def test_closed_message(close: Close | None, code: int, message: str) -> None:
     exc = ConnectionClosed(close, None)
-    got_code, got_message = cli.closed_message(cli.Target(socket="/s"), exc)
+    got_code, got_message = cli_transport.closed_message(cli_transport.Target(socket="/s"), exc)
     assert got_code == code
     assert message in got_message
 
@@ -601,7 +605,7 @@ def test_status() -> None:
         "ws clients       1",
     ]
     assert lines[8] == ""
-    assert lines[9].split() == list(cli.PORT_COLUMNS)
+    assert lines[9].split() == list(cli_output.PORT_COLUMNS)
     assert [s.path for s in state.seen] == ["/v1/status", "/v1/ports"]
 
 
@@ -617,12 +621,13 @@ def test_ports_list_is_an_aligned_table() -> None:
     result = invoke(["ports", "list"], mock(state))
     assert result.exit_code == 0
     header, first, second = result.stdout.splitlines()
-    assert header.split() == list(cli.PORT_COLUMNS)
+    assert header.split() == list(cli_output.PORT_COLUMNS)
     assert first.split() == [
         "8001",
         "scale-1",
         "0.0.0.0",
         "lines",
+        "64",
         "listening",
         "config",
         "2",
@@ -635,6 +640,7 @@ def test_ports_list_is_an_aligned_table() -> None:
         "-",
         "0.0.0.0",
         "raw",
+        "8",
         "listening",
         "config",
         "0",
@@ -646,6 +652,8 @@ def test_ports_list_is_an_aligned_table() -> None:
         at = header.index(column)
         assert first[at - 2 : at] == "  " and second[at - 2 : at] == "  "
     assert first.endswith("1.2 KiB") and second.endswith("  0 B")  # right-aligned
+    at = header.index("MAXCONN") + len("MAXCONN")
+    assert first[at - 3 : at] == " 64" and second[at - 2 : at] == " 8"
     assert len(first) == len(second) == len(header)
 
 
@@ -770,6 +778,37 @@ def test_ports_remove_prints_the_final_counters() -> None:
     assert (state.seen[-1].method, state.seen[-1].path) == ("DELETE", "/v1/ports/8001")
     assert state.seen[-1].query == {}
     assert 8001 not in state.ports
+
+
+@pytest.mark.parametrize(
+    ("drain_timeout", "limit"), [(5.0, "5 s"), (2.5, "2.5 s"), (0, "0 s"), (None, "drain.timeout")]
+)
+def test_ports_remove_says_first_that_the_port_drains_and_for_how_long(
+    drain_timeout: float | None, limit: str
+) -> None:
+    state = FakeState(drain_timeout=drain_timeout)
+    result = invoke(["ports", "remove", "8001"], mock(state))
+    assert result.exit_code == 0
+    assert result.stderr == (
+        f"relayctl: port 8001 (scale-1) is draining: devices still connected get up to {limit}"
+        " to close\n"
+    )
+    # Said before the DELETE, which waits for the drain.
+    assert [(s.method, s.path) for s in state.seen] == [
+        ("GET", "/v1/ports/8001"),
+        ("GET", "/v1/status"),
+        ("DELETE", "/v1/ports/8001"),
+    ]
+
+
+def test_ports_remove_force_and_json() -> None:
+    state = FakeState()
+    result = invoke(["ports", "remove", "8002", "--force"], mock(state))
+    assert (result.exit_code, result.stderr) == (0, "")  # no drain, nothing to wait for
+    assert [s.method for s in state.seen] == ["DELETE"]
+    result = invoke(["ports", "remove", "8001", "--json"], mock(FakeState()))
+    assert result.stderr.startswith("relayctl: port 8001 (scale-1) is draining: ")
+    assert json.loads(result.stdout)["port"] == 8001  # stdout is the JSON alone
 
 
 def test_ports_remove_force() -> None:
@@ -1007,10 +1046,10 @@ def test_main_never_shows_a_traceback(
     code: int,
     stderr: str,
 ) -> None:
-    def broken(self: cli.Target) -> httpx.Client:
+    def broken(self: cli_transport.Target) -> httpx.Client:
         raise exc
 
-    monkeypatch.setattr(cli.Target, "client", broken)
+    monkeypatch.setattr(cli_transport.Target, "client", broken)
     assert cli.main(["status"]) == code
     captured = capsys.readouterr()
     assert captured.err == stderr
@@ -1112,7 +1151,12 @@ def test_tail_url_without_a_daemon_exits_69() -> None:
         (["ports", "add", "8004", "--name", "scale-4"], 0, "port 8004 listening (scale-4)\n", ""),
         (["ports", "add", "8001"], 1, "", "relayctl: port 8001 is already a listener\n"),
         (["ports", "add", "65536"], 2, "", "Error: Invalid value for"),
-        (["ports", "remove", "8001"], 0, "port 8001 (scale-1) removed: 12 messages", ""),
+        (
+            ["ports", "remove", "8001"],
+            0,
+            "port 8001 (scale-1) removed: 12 messages",
+            "relayctl: port 8001 (scale-1) is draining: ",
+        ),
         (["reload"], 0, "reloaded: no changes\n", ""),
         ([], 2, "", "Usage: relayctl"),
     ],
