@@ -7,7 +7,9 @@ Hierarchy::
     ├── ListenerExists        a listener on that port already exists
     ├── ListenerNotFound      no listener on that port
     ├── BindError             a listener's socket could not be bound
-    └── StateError            the runtime state file could not be written
+    ├── StateError            the runtime state file (or tokens file) could not be written
+    ├── TokenExists           a token with that name already exists
+    └── TokenNotFound         no token with that name
 
 Each message is one sentence an operator can act on; ``str(exc)`` is what the
 admin API puts in ``detail`` and what the daemon logs.
@@ -50,3 +52,15 @@ class BindError(RelaydError):
 
 class StateError(RelaydError):
     """The state file could not be written; nothing was changed."""
+
+
+class TokenExists(RelaydError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"token {name} already exists")
+        self.name = name
+
+
+class TokenNotFound(RelaydError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"token {name} does not exist")
+        self.name = name
