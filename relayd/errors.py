@@ -7,8 +7,10 @@ Hierarchy::
     ├── ListenerExists        a listener on that port already exists
     ├── ListenerNotFound      no listener on that port
     ├── BindError             a listener's socket could not be bound
-    ├── StateError            the runtime state file could not be written
-    └── Stopping              relayd is stopping: no more changes are accepted
+    ├── StateError            the runtime state file (or tokens file) could not be written
+    ├── Stopping              relayd is stopping: no more changes are accepted
+    ├── TokenExists           a token with that name already exists
+    └── TokenNotFound         no token with that name
 
 Each message is one sentence an operator can act on; ``str(exc)`` is what the
 admin API puts in ``detail`` and what the daemon logs.
@@ -58,3 +60,15 @@ class Stopping(RelaydError):
 
     def __init__(self) -> None:
         super().__init__("relayd is stopping; no changes are accepted")
+
+
+class TokenExists(RelaydError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"token {name} already exists")
+        self.name = name
+
+
+class TokenNotFound(RelaydError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"token {name} does not exist")
+        self.name = name

@@ -2,7 +2,8 @@
 
 The file records what the admin API changed relative to the config file:
 ports added at runtime (with their settings) and config ports removed at
-runtime. Writes are atomic: temp file, fsync, rename, fsync of the directory.
+runtime. Writes are atomic (``relayd.atomicfile``): temp file, fsync, rename,
+fsync of the directory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from relayd.atomicfile import remove_leftovers, write_atomic
 from relayd.config import PortSettings
 from relayd.errors import ConfigError, StateError
 from relayd.listeners import Origin
@@ -47,7 +49,7 @@ class PortState:
         would overwrite it, so the daemon does not start until an operator
         decides (upgrade relayd again, or move the file aside).
         """
-        self._remove_leftovers()
+        remove_leftovers(self.path)
         try:
             text = self.path.read_bytes()
         except FileNotFoundError:
@@ -84,20 +86,6 @@ class PortState:
         self.added = {p.port: p for p in model.added}
         self.removed = set(model.removed)
 
-    def _remove_leftovers(self) -> None:
-        """Temp files of a save that was killed before its rename: never the state."""
-        try:
-            leftovers = list(self.path.parent.glob(f".{STATE_FILE}.tmp-*"))
-        except OSError:  # pragma: no cover - an unreadable directory fails the read below
-            return
-        for tmp in leftovers:
-            try:
-                tmp.unlink()
-            except OSError as exc:
-                logger.warning("cannot remove %s: %s", tmp, (exc.strerror or str(exc)).lower())
-            else:
-                logger.info("removed %s, left by a save that did not finish", tmp.name)
-
     def apply(self, config_ports: list[PortSettings]) -> dict[int, tuple[PortSettings, Origin]]:
         """Config ports minus runtime removals plus runtime additions, by port number."""
         desired: dict[int, tuple[PortSettings, Origin]] = {
@@ -133,24 +121,10 @@ class PortState:
             "removed": sorted(self.removed),
         }
         payload = (json.dumps(data, indent=2) + "\n").encode()
-        tmp = self.path.with_name(f".{STATE_FILE}.tmp-{os.getpid()}")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            # 0644 (the umask may narrow it): the state holds no secret.
+            write_atomic(self.path, payload, 0o644)
         except OSError as exc:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
             raise StateError(
                 f"cannot write state file {self.path}: {(exc.strerror or str(exc)).lower()}"
             ) from None

@@ -385,9 +385,9 @@ def test_a_crash_at_any_step_of_a_save_leaves_the_old_or_the_new_file(
         tick()
         real_replace(src, dst)
 
-    import relayd.state
+    import relayd.atomicfile
 
-    monkeypatch.setattr(relayd.state, "open", fake_open, raising=False)
+    monkeypatch.setattr(relayd.atomicfile, "open", fake_open, raising=False)
     monkeypatch.setattr(os, "fsync", fake_fsync)
     monkeypatch.setattr(os, "replace", fake_replace)
     outcomes = []
