@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relayd import __version__, api, metrics, ws
+from relayd import __version__, api, metrics, statuspage, ws
 from relayd.runtime import Runtime
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
@@ -165,6 +165,7 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
 
     app.include_router(ws.router)
+    app.include_router(statuspage.create_router(runtime))
     api.install(app, runtime)
     app.add_middleware(BodyLimit)  # inside the gate: refused requests are not read at all
     app.add_middleware(AdminGate, token=admin_token)
