@@ -127,13 +127,11 @@
   const numberFormat = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
 
   function formatRate(value) {
-    if (value === null) return "…";
     if (value > 0 && value < 10) return value.toFixed(1);
     return numberFormat.format(value);
   }
 
   function formatBytes(value) {
-    if (value === null) return "…";
     const units = ["B", "kB", "MB", "GB"];
     let i = 0;
     while (value >= 1000 && i < units.length - 1) {
@@ -215,8 +213,13 @@
       spark.setAttribute("preserveAspectRatio", "none");
       spark.setAttribute("aria-hidden", "true");
       spark.setAttribute("focusable", "false");
+      const base = document.createElementNS(SVG_NS, "line");
+      base.setAttribute("class", "base");
+      for (const [name, value] of [["x1", "0"], ["y1", "19"], ["x2", "60"], ["y2", "19"]]) {
+        base.setAttribute(name, value);
+      }
       const line = document.createElementNS(SVG_NS, "polyline");
-      spark.append(line);
+      spark.append(base, line);
       cells[key].append(spark, value, total);
       cells[key + "Value"] = value;
       cells[key + "Total"] = total;
@@ -248,8 +251,8 @@
     entry.last = { t: now, messages: p.messages_received, bytes: p.bytes_received };
     while (entry.samples.length && now - entry.samples[0].t > WINDOW_MS) entry.samples.shift();
     const latest = entry.samples.length ? entry.samples[entry.samples.length - 1] : null;
-    text(c.mpsValue, formatRate(latest && latest.mps));
-    text(c.bpsValue, formatBytes(latest && latest.bps) + "/s");
+    text(c.mpsValue, latest ? formatRate(latest.mps) : "…");
+    text(c.bpsValue, latest ? formatBytes(latest.bps) + "/s" : "…");
     text(c.mpsTotal, numberFormat.format(p.messages_received) + " total");
     text(c.bpsTotal, formatBytes(p.bytes_received) + " total");
     drawSpark(c.mpsLine, entry.samples, "mps", now);
