@@ -1,4 +1,4 @@
-"""The status page (relayd(8), STATUS PAGE): ``GET /``, ``/static/*``, ``GET /status.json``.
+"""The status page (relayd(8), HTTP INTERFACE): ``GET /``, ``/static/*``, ``GET /status.json``.
 
 The page is three files shipped inside the package (``relayd/static``) and read
 once through ``importlib.resources``. It polls ``/status.json`` for counters
@@ -56,8 +56,8 @@ def visible_ports(request: Request) -> set[int] | None:
 
     Raise ``HTTPException(401)`` (with ``WWW-Authenticate: Bearer``) to refuse.
     """
-    # TODO(auth): same auth and port visibility as /ws (relayd(8), ACCESS CONTROL):
-    # a missing or invalid token -> 401; a token's read permission -> its ports.
+    # TODO(auth): same auth and port visibility as /ws: a missing, invalid, expired or
+    # revoked token -> 401 (the page then asks for a token); else the ports it may read.
     return None
 
 
