@@ -271,7 +271,7 @@
   }
 
   function updateFilter(ports) {
-    const wanted = new Map(ports.map((p) => [String(p.port), p.name ? p.port + " " + p.name : String(p.port)]));
+    const wanted = new Map(ports.map((p) => [String(p.port), portLabel(p.port, p.name)]));
     for (const option of Array.from(el.filter.options)) {
       if (option.value && !wanted.has(option.value)) option.remove();
     }
@@ -331,7 +331,9 @@
 
   function setTailState(state) {
     let label = state;
-    if (page.paused) label = "paused, " + page.missed + " new line" + (page.missed === 1 ? "" : "s");
+    if (page.paused) {
+      label = "paused, " + page.missed + " new line" + (page.missed === 1 ? "" : "s");
+    }
     text(el.tailState, label);
   }
 
@@ -350,10 +352,19 @@
   // Control characters and bidirectional overrides could disguise what a device sent.
   const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u200e\u200f\u202a-\u202e\u2066-\u2069]/g;
 
+  function hexOf(code, width) {
+    return code.toString(16).padStart(width, "0");
+  }
+
+  function portLabel(port, name) {
+    return name ? port + " " + name : String(port);
+  }
+
   function visible(str) {
     const cut = str.length > SHOW_MAX ? str.slice(0, SHOW_MAX) : str;
-    const shown = cut.replace(HIDDEN, (ch) => "\\u" + ch.charCodeAt(0).toString(16).padStart(4, "0"));
-    return str.length > SHOW_MAX ? shown + " … (" + (str.length - SHOW_MAX) + " more characters)" : shown;
+    const shown = cut.replace(HIDDEN, (ch) => "\\u" + hexOf(ch.charCodeAt(0), 4));
+    if (str.length <= SHOW_MAX) return shown;
+    return shown + " … (" + (str.length - SHOW_MAX) + " more characters)";
   }
 
   function binary(b64) {
@@ -363,11 +374,11 @@
     } catch {
       return "(binary)";
     }
-    let hex = "";
+    let bytes = "";
     for (let i = 0; i < Math.min(raw.length, 32); i += 1) {
-      hex += raw.charCodeAt(i).toString(16).padStart(2, "0") + " ";
+      bytes += hexOf(raw.charCodeAt(i), 2) + " ";
     }
-    return "(binary, " + raw.length + " bytes) " + hex + (raw.length > 32 ? "…" : "");
+    return "(binary, " + raw.length + " bytes) " + bytes + (raw.length > 32 ? "…" : "");
   }
 
   function span(className, value) {
@@ -381,12 +392,18 @@
     const item = document.createElement("li");
     item.dataset.port = String(envelope.port);
     const when = new Date(envelope.ts);
-    const time = isNaN(when) ? "" : when.toTimeString().slice(0, 8) + "." + String(when.getMilliseconds()).padStart(3, "0");
+    const time = isNaN(when)
+      ? ""
+      : when.toTimeString().slice(0, 8) + "." + String(when.getMilliseconds()).padStart(3, "0");
     const stamp = span("ts", time);
     if (typeof envelope.ts === "string") stamp.title = envelope.ts;
-    const where = envelope.name ? envelope.port + " " + envelope.name : String(envelope.port);
-    const data = typeof envelope.data === "string" ? visible(envelope.data) : binary(String(envelope.data_b64 ?? ""));
-    item.append(stamp, span("port", where), span("peer", String(envelope.peer ?? "")), span("data", data));
+    const where = portLabel(envelope.port, envelope.name);
+    const data = typeof envelope.data === "string"
+      ? visible(envelope.data)
+      : binary(String(envelope.data_b64 ?? ""));
+    item.append(
+      stamp, span("port", where), span("peer", String(envelope.peer ?? "")), span("data", data),
+    );
     return item;
   }
 
