@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relayd import __version__, api, metrics
+from relayd import __version__, api, metrics, statuspage
 from relayd.runtime import Runtime
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
@@ -169,6 +169,7 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )
 
+    app.include_router(statuspage.create_router(runtime))
     api.install(app, runtime)
     app.add_middleware(BodyLimit)  # inside the gate: refused requests are not read at all
     app.add_middleware(AdminGate, token=admin_token)

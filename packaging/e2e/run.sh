@@ -199,6 +199,7 @@ default_listeners() {
 	probe http http://127.0.0.1:8000/healthz
 	probe http http://127.0.0.1:8000/readyz
 	probe http http://127.0.0.1:8000/metrics | cut -c1-100
+	probe http http://127.0.0.1:8000/static/status.js | cut -c1-100  # package data in the .deb
 }
 
 check_config() {
