@@ -51,8 +51,15 @@ from tests.helpers import (
 pytestmark = pytest.mark.anyio
 logger = logging.getLogger(__name__)
 
+# Tests with a performance claim run twice: as a behaviour in `make test`, and as
+# the full-size case held to its figures in `make soak-timing` (marker `timing`).
+TIMED = [
+    pytest.param(False, id="behaviour"),
+    pytest.param(True, id="timed", marks=pytest.mark.timing),
+]
 # A longer stream for `make soak`: RELAYD_TEST_LONG_STREAM_MB=1024.
-LONG_STREAM_MB = float(os.environ.get("RELAYD_TEST_LONG_STREAM_MB", "200"))
+# 96 MiB is well past the bound on the daemon's growth (33 MiB) the test asserts.
+LONG_STREAM_MB = float(os.environ.get("RELAYD_TEST_LONG_STREAM_MB", "96"))
 MAX_MESSAGE = 65536  # relay.max_message default
 # Daemons whose latency or CPU time is measured run without asyncio's debug mode,
 # which captures a stack for every callback scheduled (tests of the behaviour, not
@@ -627,10 +634,12 @@ def assert_refused_at_once(times: list[float]) -> None:
     assert times[-1] < 4_000 * MS, f"slowest {times[-1]:.2f} s"
 
 
+@pytest.mark.parametrize("timed", TIMED)
 async def test_connection_flood_is_refused_while_devices_keep_flowing(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
-    burst, rounds, held = 5000, 3, 32
+    # The timed run (make soak-timing) is the full flood, and holds relayd to its figures.
+    burst, rounds, held = (5000, 3, 32) if timed else (1000, 2, 32)
     raise_nofile(burst + held + 200)
     async with spawn_daemon(tmp_path, notify, nports=1, env=NO_ASYNCIO_DEBUG) as d:
         port = d.ports[0]
@@ -682,15 +691,18 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
         max(latencies) * 1000,
         len(latencies),
     )
-    assert_refused_at_once(refused)
-    assert len(latencies) >= 10
-    assert p99(latencies) < 0.100
+    assert latencies, "no admin request was answered during the flood"
+    if timed:
+        assert_refused_at_once(refused)
+        assert len(latencies) >= 10
+        assert p99(latencies) < 0.100
 
 
+@pytest.mark.parametrize("timed", TIMED)
 async def test_websocket_flood_over_max_clients_is_refused_with_1013(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
-    burst, rounds, max_clients = 500, 3, 10
+    burst, rounds, max_clients = (500, 3, 10) if timed else (200, 2, 10)
     raise_nofile(burst + max_clients + 200)
     extra = f"[relay]\nmax_clients = {max_clients}\n"
     async with spawn_daemon(tmp_path, notify, nports=1, extra=extra, env=NO_ASYNCIO_DEBUG) as d:
@@ -719,7 +731,6 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
         talker.socks[0].close()
     assert not flood["errors"]
     assert flood["codes"] == [1013] * (rounds * burst)
-    assert_refused_at_once(flood["closed"])
     assert metric(metrics, "relayd_ws_clients_rejected_total") == rounds * burst
     assert status["ws_clients"] == max_clients
     latencies = during(samples, flood)
@@ -735,15 +746,19 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
         max(latencies) * 1000,
         len(latencies),
     )
-    assert len(latencies) >= 10
-    assert p99(latencies) < 0.100
+    assert latencies, "no admin request was answered during the flood"
+    if timed:
+        assert_refused_at_once(flood["closed"])
+        assert len(latencies) >= 10
+        assert p99(latencies) < 0.100
 
 
 # 4. Resource exhaustion
 
 
+@pytest.mark.parametrize("timed", TIMED)
 async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
     async with spawn_daemon(tmp_path, notify, nports=1, env=NO_ASYNCIO_DEBUG) as d:
         pid, port = d.proc.pid, d.ports[0]
@@ -755,8 +770,10 @@ async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
             socks = [await device(port) for _ in range(2 * spare)]
             await wait_until(lambda: open_fds(pid) == limit)  # and accept() fails
+            await wait_until(lambda: "cannot accept" in d.output())
             cpu0, t0 = cpu_seconds(pid), time.monotonic()
-            await asyncio.sleep(2.5)  # the observation window: two more retries
+            if timed:
+                await asyncio.sleep(2.5)  # the observation window: two more retries
             cpu = cpu_seconds(pid) - cpu0
             wall = time.monotonic() - t0
             log = d.output()
@@ -782,7 +799,8 @@ async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
         wall,
         recovered,
     )
-    assert cpu < 0.1 * wall, f"{cpu:.2f} s CPU in {wall:.2f} s while out of fds"
+    if timed:  # it backs off rather than spinning on accept()
+        assert cpu < 0.1 * wall, f"{cpu:.2f} s CPU in {wall:.2f} s while out of fds"
 
 
 def test_accept_error_handler_logs_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:
