@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 from pathlib import Path
@@ -174,12 +175,38 @@ async def test_health_ready_and_metrics(tmp_path: Path, notify: NotifySocket) ->
             d.runtime.draining = False
 
 
-async def test_admin_routes_are_not_served_on_http_port(
+async def test_admin_routes_are_not_served_on_http_port(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with httpx.AsyncClient(base_url=d.url) as client:
+        assert (await client.get("/openapi.json")).status_code == 404
+    async with d.admin() as admin:
+        assert (await admin.get("/openapi.json")).status_code == 200
+        assert (await admin.get("/healthz")).status_code == 200
+
+
+async def test_per_message_deflate_relays_text_and_binary_intact(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
-    async with run_daemon(tmp_path, notify) as d:
-        async with httpx.AsyncClient(base_url=d.url) as client:
-            assert (await client.get("/openapi.json")).status_code == 404
-        async with d.admin() as admin:
-            assert (await admin.get("/openapi.json")).status_code == 200
-            assert (await admin.get("/healthz")).status_code == 200
+    extra = "[relay]\nper_message_deflate = true\n"
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        text = "wägt 12,5 kg; " * 500  # compresses well, longer than a TCP segment
+        binary = bytes(b for b in range(256) if b not in b"\r\n") * 40  # not UTF-8
+        lines = [f"{i} {text}".encode() for i in range(50)] + [binary, b"short"]
+        expected = [line.decode() for line in lines[:-2]] + [binary, "short"]
+        async with (
+            connect(d.ws_url, max_size=2**20) as deflated,
+            connect(f"{d.ws_url}?format=json", max_size=2**20) as envelopes,
+            connect(d.ws_url, compression=None, max_size=2**20) as plain,
+        ):
+            for ws in (deflated, envelopes):
+                assert [type(e).__name__ for e in ws.protocol.extensions] == ["PerMessageDeflate"]
+            assert plain.protocol.extensions == []
+            await wait_until(lambda: d.runtime.hub.clients == 3)
+            # One write: relayd relays the burst as several messages at once.
+            await send_device(d.ports[0], b"\n".join(lines) + b"\n")
+            assert await recv(deflated, len(lines)) == expected
+            assert await recv(plain, len(lines)) == expected
+            got = [json.loads(m) for m in await recv(envelopes, len(lines))]
+            assert [m.get("data") for m in got[:-2]] == expected[:-2]
+            assert got[-2]["data_b64"] == base64.b64encode(binary).decode()
+            assert got[-1]["data"] == "short"
