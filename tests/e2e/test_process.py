@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from relayd import daemon
 from tests.helpers import (
     MS,
     NotifySocket,
@@ -47,16 +50,40 @@ def test_version() -> None:
     assert __version__ in result.stdout
 
 
-def test_check_config_valid(tmp_path: Path) -> None:
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def relayd_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Outcome]:
+    """``relayd.daemon.main`` in this process, for what ends before the event loop starts;
+    the process around it (``python -m relayd``) is checked by the subprocess tests."""
+    monkeypatch.setattr(daemon, "configure_logging", lambda level: None)  # pytest's logging
+
+    def call(*args: str) -> Outcome:
+        code = daemon.main(list(args))
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return call
+
+
+def test_check_config_valid(tmp_path: Path, relayd_main: Callable[..., Outcome]) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(config_text(8000, [8001, 8002]))
-    result = run("--check-config", "--config", str(cfg))
-    assert result.returncode == 0, result.stderr
+    result = relayd_main("--check-config", "--config", str(cfg))
+    assert result.code == 0, result.err
+    assert result.out == f"relayd: {cfg}: configuration is valid\n"
 
 
-def test_shipped_example_config_is_valid() -> None:
+def test_shipped_example_config_is_valid(relayd_main: Callable[..., Outcome]) -> None:
     example = Path(__file__).parents[2] / "examples" / "relayd.toml"
-    assert run("--check-config", "--config", str(example)).returncode == 0
+    assert relayd_main("--check-config", "--config", str(example)).code == 0
 
 
 @pytest.mark.parametrize(
@@ -77,24 +104,32 @@ def test_shipped_example_config_is_valid() -> None:
     ],
 )
 def test_config_errors_exit_78_naming_the_key(
-    tmp_path: Path, text: str, expected: list[str]
+    tmp_path: Path, relayd_main: Callable[..., Outcome], text: str, expected: list[str]
 ) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(text)
     for args in (["--check-config"], []):
-        result = run(*args, "--config", str(cfg), "--state-dir", str(tmp_path))
-        assert result.returncode == 78
-        lines = result.stderr.strip().splitlines()
+        result = relayd_main(*args, "--config", str(cfg), "--state-dir", str(tmp_path))
+        assert result.code == 78
+        lines = result.err.strip().splitlines()
         assert len(lines) == len(expected)
         for line, key in zip(lines, expected, strict=True):
             assert key in line
-        assert "Traceback" not in result.stderr
+        assert "Traceback" not in result.err
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
-    result = run("--check-config", "--config", str(tmp_path / "nope.toml"))
+def test_config_error_is_exit_status_78_of_the_process(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text("[http]\nhots = 1\n")
+    result = run("--config", str(cfg), "--state-dir", str(tmp_path))
     assert result.returncode == 78
-    assert "cannot read" in result.stderr
+    assert result.stderr == "relayd: http.hots: unknown key\n"
+
+
+def test_missing_config_file(tmp_path: Path, relayd_main: Callable[..., Outcome]) -> None:
+    result = relayd_main("--check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.code == 78
+    assert "cannot read" in result.err
 
 
 async def test_port_in_use_exits_1_without_ready(tmp_path: Path, notify: NotifySocket) -> None:
