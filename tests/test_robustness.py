@@ -639,7 +639,7 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
     tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
     # The timed run (make soak-timing) is the full flood, and holds relayd to its figures.
-    burst, rounds, held = (5000, 3, 32) if timed else (1000, 2, 32)
+    burst, rounds, held = (5000, 3, 32) if timed else (500, 2, 32)
     raise_nofile(burst + held + 200)
     async with spawn_daemon(tmp_path, notify, nports=1, env=NO_ASYNCIO_DEBUG) as d:
         port = d.ports[0]
@@ -702,7 +702,7 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
 async def test_websocket_flood_over_max_clients_is_refused_with_1013(
     tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
-    burst, rounds, max_clients = (500, 3, 10) if timed else (200, 2, 10)
+    burst, rounds, max_clients = (500, 3, 10) if timed else (100, 2, 10)
     raise_nofile(burst + max_clients + 200)
     extra = f"[relay]\nmax_clients = {max_clients}\n"
     async with spawn_daemon(tmp_path, notify, nports=1, extra=extra, env=NO_ASYNCIO_DEBUG) as d:
