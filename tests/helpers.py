@@ -166,6 +166,22 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+def config_port(port: int, **shown: object) -> dict[str, object]:
+    """``GET /v1/ports/{port}`` for an idle port of ``config_text``'s."""
+    return {
+        "port": port,
+        "host": "127.0.0.1",
+        "name": f"dev-{port}",
+        "framing": "lines",
+        "max_connections": 64,
+        "state": "listening",
+        "source": "config",
+        "connections": 0,
+        "messages_received": 0,
+        "bytes_received": 0,
+    } | shown
+
+
 def state_file(state_dir: Path) -> dict[str, Any]:
     """The daemon's ``ports.json`` as written (see relayd(8), FILES)."""
     return json.loads((state_dir / "ports.json").read_text())  # type: ignore[no-any-return]
@@ -281,18 +297,11 @@ class NotifySocket:
 # --- relayd in this process -------------------------------------------------------
 
 
-@dataclass
-class Daemon:
-    """A relayd running in this test's event loop."""
+class Endpoints:
+    """Where a relayd on 127.0.0.1 answers."""
 
-    config: Path
     http_port: int
-    ports: list[int]
     admin_socket: Path
-    state_dir: Path
-    notify: NotifySocket
-    task: asyncio.Task[int] | None = None
-    _server: Any = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -304,6 +313,20 @@ class Daemon:
 
     def admin(self) -> httpx.AsyncClient:
         return admin_client(self.admin_socket)
+
+
+@dataclass
+class Daemon(Endpoints):
+    """A relayd running in this test's event loop."""
+
+    config: Path
+    http_port: int
+    ports: list[int]
+    admin_socket: Path
+    state_dir: Path
+    notify: NotifySocket
+    task: asyncio.Task[int] | None = None
+    _server: Any = field(default=None, repr=False)
 
     def state(self) -> dict[str, Any]:
         return state_file(self.state_dir)
@@ -396,7 +419,9 @@ def log_file(path: Path) -> BinaryIO:
 
 
 @dataclass
-class DaemonProcess:
+class DaemonProcess(Endpoints):
+    """A relayd subprocess; its stdout and stderr go to ``log``."""
+
     proc: asyncio.subprocess.Process
     http_port: int
     ports: list[int]
@@ -404,17 +429,6 @@ class DaemonProcess:
     admin_socket: Path
     notify: NotifySocket
     log: Path
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.http_port}/ws"
-
-    def admin(self) -> httpx.AsyncClient:
-        return admin_client(self.admin_socket)
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)

@@ -19,6 +19,7 @@ from tests.helpers import (
     NotifySocket,
     accepts,
     busy_port,
+    config_port,
     free_port,
     recv,
     run_daemon,
@@ -26,6 +27,8 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.anyio
+
+COUNTERS = ("connections", "messages_received", "bytes_received")
 
 
 def runtime_ports(d: Daemon) -> list[int]:
@@ -49,18 +52,8 @@ async def test_status_and_ports(shared_daemon: Daemon) -> None:
         ports = (await admin.get("/v1/ports")).json()
         assert [p["port"] for p in ports] == sorted(d.ports)
         one = (await admin.get(f"/v1/ports/{d.ports[0]}")).json()
-        assert one == {
-            "port": d.ports[0],
-            "host": "127.0.0.1",
-            "name": f"dev-{d.ports[0]}",
-            "framing": "lines",
-            "max_connections": 64,
-            "state": "listening",
-            "source": "config",
-            "connections": 0,
-            "messages_received": 0,
-            "bytes_received": 0,
-        }
+        assert one == config_port(d.ports[0], **{k: one[k] for k in COUNTERS})
+        assert all(isinstance(one[k], int) for k in COUNTERS)  # other tests send data
         missing = await admin.get("/v1/ports/1")
         assert missing.status_code == 404
         assert missing.json() == {"detail": "port 1 is not a listener"}
