@@ -285,23 +285,19 @@ async def test_port_out_of_range_is_a_usage_error_before_any_request(tmp_path: P
         sentinel.listen(16)
         sentinel.setblocking(False)
         where = ("--socket", str(tmp_path / "sentinel.sock"))
-        results = await asyncio.gather(
-            relayctl(*where, "ports", "add", "0"),
+        # One of each kind as an installed command; test_cli.py checks every usage error.
+        version, *results = await asyncio.gather(
+            relayctl(*where, "--version"),
             relayctl(*where, "ports", "add", "70000", "--name", "x"),
-            relayctl(*where, "ports", "show", "0"),
-            relayctl(*where, "ports", "remove", "65536"),
             relayctl(*where, "tail", "--port", "0"),
-            relayctl(*where, "ports", "add", "8004", "--max-connections", "0"),
             relayctl(*where),  # no command
         )
-        version = await relayctl(*where, "--version")
         assert version == Result(0, f"relayctl {__version__}\n", "")
         for result in results:
             assert result.code == 2, result
             assert result.out == ""
             assert "Usage: relayctl" in result.err
-        assert "0 is not a port number (1-65535)" in results[0].err
-        assert "70000 is not a port number (1-65535)" in results[1].err
+        assert "70000 is not a port number (1-65535)" in results[0].err
         with pytest.raises(BlockingIOError):
             sentinel.accept()  # nobody connected
 
