@@ -18,8 +18,9 @@ SOAK_ARGS ?=
 soak-timing: $(STAMP)
 	$(BIN)/pytest -m timing -o timeout=600 $(PYTEST_ARGS) tests/test_robustness.py
 	RELAYD_TEST_LONG_STREAM_MB=1024 RELAYD_TEST_KILLS=20 RELAYD_TEST_FUZZ_EXAMPLES=1000 \
-	  $(BIN)/pytest -o timeout=1800 $(PYTEST_ARGS) \
+	  RELAYD_TEST_STORM=500 $(BIN)/pytest -o timeout=1800 $(PYTEST_ARGS) \
 	  tests/test_robustness.py::test_endless_line_keeps_memory_bounded \
+	  tests/test_admin_robustness.py::test_storms_of_changes_leave_api_sockets_and_state_in_agreement \
 	  tests/test_admin_robustness.py::test_kill_9_during_admin_changes_keeps_the_last_acknowledged_state \
 	  tests/test_api.py::test_fuzzed_admin_requests_never_get_a_5xx
 
