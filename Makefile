@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-floor lint typecheck pytest clean
+.PHONY: run test test-floor lint typecheck pytest coverage clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -33,6 +33,10 @@ pytest: $(STAMP)
 	PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Line and branch coverage of relayd by the in-process tests (subprocesses are not counted).
+coverage: $(STAMP)
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest --cov=relayd --cov-branch --cov-report=term-missing $(PYTEST_ARGS)
 
 # The suite again on the library versions Debian 13 ships (tests/constraints/debian13.txt).
 FLOOR_VENV := .venv-floor

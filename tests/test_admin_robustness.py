@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
 import errno
 import json
 import os
 import random
 import signal
-import socket
-import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,48 +19,26 @@ import pytest
 
 from relayd.api import MAX_BODY
 from relayd.config import PortSettings, Settings
-from relayd.errors import ListenerNotFound
 from relayd.listeners import Listener
 from relayd.state import STATE_FILE, PortState
-from tests.conftest import (
+from tests.helpers import (
     MS,
     Daemon,
     NotifySocket,
+    accepts,
+    admin_client,
     config_text,
     free_port,
-    log_file,
-    relayd_command,
     run_daemon,
     send_device,
+    start_process,
     wait_until,
+    write_config,
 )
 
 pytestmark = pytest.mark.anyio
 
 JSON = {"content-type": "application/json"}
-
-
-async def accepts(d: Daemon, port: int) -> bool:
-    """Whether ``port`` takes a connection; waits until the daemon has handled it.
-
-    Waiting matters on Python 3.11: a connection still being accepted when the
-    listener closes trips an assertion inside asyncio (``Server._attach``).
-    """
-    loop = asyncio.get_running_loop()
-    with socket.socket() as device:
-        device.setblocking(False)
-        try:
-            await loop.sock_connect(device, ("127.0.0.1", port))
-        except ConnectionRefusedError:
-            return False
-        try:
-            listener = d.runtime.registry.get(port)
-        except ListenerNotFound:
-            return True  # someone listens, but not relayd: the caller's assertion fails
-        before = listener.bytes_received
-        await loop.sock_sendall(device, b"\n")
-    await wait_until(lambda: listener.bytes_received > before)
-    return True
 
 
 def one_sentence(r: httpx.Response) -> str:
@@ -79,10 +54,9 @@ def port_body(port: int, **extra: Any) -> bytes:
 # Bodies
 
 
-async def test_oversized_bodies_are_413_and_change_nothing(
-    tmp_path: Path, notify: NotifySocket
-) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+async def test_oversized_bodies_are_413_and_change_nothing(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
         port = free_port()
         small = port_body(port)
         over = small + b" " * (MAX_BODY + 1 - len(small))  # valid JSON, one byte too long
@@ -107,17 +81,19 @@ async def test_oversized_bodies_are_413_and_change_nothing(
             r = await admin.post("/v1/ports", content=huge, headers=JSON)
         assert r.status_code == 413
         assert (await admin.get(f"/v1/ports/{port}")).status_code == 404
-        assert not await accepts(d, port)
-        assert not (d.state_dir / STATE_FILE).exists()
+        assert not await accepts(port, d)
+        assert port not in runtime_ports(d)
 
         exact = small + b" " * (MAX_BODY - len(small))  # at the limit: accepted
         r = await admin.post("/v1/ports", content=exact, headers=JSON)
         assert r.status_code == 201, r.text
-        assert await accepts(d, port)
+        assert await accepts(port, d)
+        assert (await admin.delete(f"/v1/ports/{port}")).status_code == 200
 
 
-async def test_bodies_that_are_not_json_are_415(tmp_path: Path, notify: NotifySocket) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+async def test_bodies_that_are_not_json_are_415(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
         port = free_port()
         body = port_body(port)
         refused: list[dict[str, Any]] = [
@@ -133,7 +109,7 @@ async def test_bodies_that_are_not_json_are_415(tmp_path: Path, notify: NotifySo
             assert r.status_code == 415, (kwargs, r.text)
             assert "JSON" in one_sentence(r)
         assert (await admin.get(f"/v1/ports/{port}")).status_code == 404
-        assert not await accepts(d, port)
+        assert not await accepts(port, d)
         # A bodyless POST (curl -X POST) needs no content type; JSON variants are JSON.
         r = await admin.post("/v1/reload", headers={"content-type": "text/plain"})
         assert r.status_code == 200, r.text
@@ -143,15 +119,19 @@ async def test_bodies_that_are_not_json_are_415(tmp_path: Path, notify: NotifySo
             "/v1/ports", content=body, headers={"content-type": "application/json; charset=utf-8"}
         )
         assert r.status_code == 201, r.text
-        assert await accepts(d, port)
-        assert [p["port"] for p in state_of(d)["added"]] == [port]
+        assert await accepts(port, d)
+        assert runtime_ports(d) == [port]
+        assert (await admin.delete(f"/v1/ports/{port}")).status_code == 200
+
+
+def runtime_ports(d: Daemon) -> list[int]:
+    """The ports added at run time, as the state file has them."""
+    if not (d.state_dir / STATE_FILE).exists():
+        return []
+    return [p["port"] for p in d.state()["added"]]
 
 
 # Storms
-
-
-def state_of(d: Daemon) -> dict[str, Any]:
-    return json.loads((d.state_dir / STATE_FILE).read_text())  # type: ignore[no-any-return]
 
 
 async def assert_agreement(d: Daemon, admin: httpx.AsyncClient, candidates: set[int]) -> None:
@@ -170,7 +150,7 @@ async def assert_agreement(d: Daemon, admin: httpx.AsyncClient, candidates: set[
         shown = {k: listed[port][k] for k in ("host", "name", "framing", "max_connections")}
         assert shown == settings.model_dump(include=set(shown))
     for port in candidates:
-        assert await accepts(d, port) == (port in listed), port
+        assert await accepts(port, d) == (port in listed), port
     assert not list(d.state_dir.glob(f"{STATE_FILE}.corrupt-*"))
 
 
@@ -219,23 +199,8 @@ async def run_storm(
             one_sentence(r)
 
 
-@contextlib.asynccontextmanager
-async def drained(notify: NotifySocket) -> AsyncIterator[None]:
-    """Read the notify socket as systemd would: every reload sends RELOADING=1 and READY=1,
-    and sdnotify's blocking send stalls the daemon once ten datagrams wait unread.
-    """
-
-    async def read() -> None:
-        while True:
-            await notify.receive()
-
-    reader = asyncio.create_task(read())
-    try:
-        yield
-    finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+# Requests in each storm; more in a soak run: RELAYD_TEST_STORM=500.
+STORM = int(os.environ.get("RELAYD_TEST_STORM", "60"))
 
 
 async def test_storms_of_changes_leave_api_sockets_and_state_in_agreement(
@@ -243,9 +208,11 @@ async def test_storms_of_changes_leave_api_sockets_and_state_in_agreement(
 ) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    async with run_daemon(tmp_path, notify, drain=0.2) as d, drained(notify):
-        limits = httpx.Limits(max_connections=100)
-        transport = httpx.AsyncHTTPTransport(uds=str(d.admin_socket), limits=limits)
+    async with run_daemon(tmp_path, notify, drain=0.2) as d, notify.drained():
+        # A connection for each request, as relayctl makes: a kept-alive one that sat
+        # idle through a long storm can meet uvicorn's keep-alive timeout (5 s) on reuse.
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
+        transport = httpx.AsyncHTTPTransport(uds=str(d.admin_socket), limits=limits, verify=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://relayd") as admin:
             config_ports = list(d.ports)
             spare = [free_port() for _ in range(4)]
@@ -255,9 +222,10 @@ async def test_storms_of_changes_leave_api_sockets_and_state_in_agreement(
             try:
                 same = rng.choice(spare)
                 for requests in (
-                    storm(rng, [same], 100),  # one port
-                    storm(rng, spare + config_ports, 100),  # different ports
-                    storm(rng, [same], 50) + storm(rng, spare + config_ports, 50),  # mixed
+                    storm(rng, [same], STORM),  # one port
+                    storm(rng, spare + config_ports, STORM),  # different ports
+                    storm(rng, [same], STORM // 2)
+                    + storm(rng, spare + config_ports, STORM // 2),  # mixed
                 ):
                     rng.shuffle(requests)
                     await run_storm(admin, requests)
@@ -268,7 +236,7 @@ async def test_storms_of_changes_leave_api_sockets_and_state_in_agreement(
                     d.http_port, [config_ports[0], spare[0]], drain=0.2
                 )  # drops config_ports[1], adds spare[0] to the file
                 d.config.write_text(moved)
-                requests = storm(rng, spare + config_ports, 90)
+                requests = storm(rng, spare + config_ports, STORM - 10)
                 requests += [("POST", "/v1/reload", {})] * 10
                 rng.shuffle(requests)
                 await run_storm(admin, requests)
@@ -309,9 +277,10 @@ async def test_reload_during_a_removal_drain_opens_the_port_the_new_config_wants
 
 
 async def test_a_listener_that_fails_to_start_is_not_persisted(
-    tmp_path: Path, notify: NotifySocket, monkeypatch: pytest.MonkeyPatch
+    shared_daemon: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+    d = shared_daemon
+    async with d.admin() as admin:
         port = free_port()
 
         async def broken(self: Listener) -> None:
@@ -321,7 +290,7 @@ async def test_a_listener_that_fails_to_start_is_not_persisted(
         r = await admin.post("/v1/ports", content=port_body(port), headers=JSON)
         assert r.status_code == 500
         monkeypatch.undo()
-        assert state_of(d)["added"] == []  # saved, then put back
+        assert port not in runtime_ports(d)  # saved, then put back
         await assert_agreement(d, admin, {*d.ports, port})
 
 
@@ -462,48 +431,13 @@ async def admin_call(sock: Path, method: str, target: str, body: Any = None) -> 
     return int(lines[0].split()[1])
 
 
-async def start_relayd(
-    tmp_path: Path, cfg: Path, n: int
-) -> tuple[asyncio.subprocess.Process, Path]:
-    notify = NotifySocket(tmp_path / f"notify-{n}.sock")
-    log = tmp_path / f"relayd-{n}.log"
-    out = log_file(log)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *relayd_command(
-                "--config",
-                str(cfg),
-                "--admin-socket",
-                str(tmp_path / "admin.sock"),
-                "--state-dir",
-                str(tmp_path / "state"),
-            ),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
-        )
-    finally:
-        out.close()
-    try:
-        ready = asyncio.create_task(notify.wait_for("READY=1", timeout=15_000 * MS))
-        exited = asyncio.create_task(proc.wait())
-        await asyncio.wait({ready, exited}, return_when=asyncio.FIRST_COMPLETED)
-        exited.cancel()
-        if not ready.done() or ready.exception() is not None:
-            ready.cancel()
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-            raise AssertionError(f"relayd did not become ready:\n{log.read_text()}")
-    finally:
-        notify.close()
-    return proc, log
-
-
 async def listed_ports(sock: Path) -> dict[int, str]:
-    transport = httpx.AsyncHTTPTransport(uds=str(sock))
-    async with httpx.AsyncClient(transport=transport, base_url="http://relayd") as admin:
+    async with admin_client(sock) as admin:
         return {p["port"]: p["source"] for p in (await admin.get("/v1/ports")).json()}
+
+
+# Restarts after a SIGKILL; more in a soak run: RELAYD_TEST_KILLS=50.
+KILLS = int(os.environ.get("RELAYD_TEST_KILLS", "3"))
 
 
 async def test_kill_9_during_admin_changes_keeps_the_last_acknowledged_state(
@@ -513,16 +447,29 @@ async def test_kill_9_during_admin_changes_keeps_the_last_acknowledged_state(
     rng = random.Random(seed)
     config_ports = [free_port(), free_port()]
     spare = [free_port() for _ in range(6)]
-    cfg = tmp_path / "relayd.toml"
-    cfg.write_text(config_text(free_port(), config_ports, drain=0.1))
+    http_port = free_port()
+    cfg = write_config(tmp_path / "relayd.toml", config_text(http_port, config_ports, drain=0.1))
     sock = tmp_path / "admin.sock"
     state_dir = tmp_path / "state"
     expected = dict.fromkeys(config_ports, "config")
     in_flight: Change | None = None
-    kills = 6
+    kills = KILLS
     for n in range(kills + 1):
         killed = asyncio.Event()
-        proc, log = await start_relayd(tmp_path, cfg, n)
+        notify = NotifySocket(tmp_path / f"notify-{n}.sock")
+        try:
+            started = await start_process(
+                tmp_path,
+                cfg,
+                notify,
+                http_port=http_port,
+                ports=config_ports,
+                log=tmp_path / f"relayd-{n}.log",
+            )
+        finally:
+            notify.close()
+        assert started is not None, "a port of relayd's was taken"
+        proc, log = started.proc, started.log
         try:
             actual = await listed_ports(sock)
             allowed = [expected]

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import os
 import socket
-import subprocess
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,34 +14,34 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
 
-from tests.conftest import (
+from tests.helpers import (
     MS,
     Daemon,
     NotifySocket,
-    config_text,
+    accepts,
+    busy_port,
+    config_port,
     free_port,
-    relayd_command,
+    recv,
     run_daemon,
     send_device,
 )
 
 pytestmark = pytest.mark.anyio
 
-
-def state_file(d: Daemon) -> dict[str, Any]:
-    return json.loads((d.state_dir / "ports.json").read_text())  # type: ignore[no-any-return]
+COUNTERS = ("connections", "messages_received", "bytes_received")
 
 
-def accepts(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-    except ConnectionRefusedError:
-        return False
-    return True
+def runtime_ports(d: Daemon) -> list[int]:
+    """The ports added at run time, as the state file has them."""
+    if not (d.state_dir / "ports.json").exists():
+        return []
+    return [p["port"] for p in d.state()["added"]]
 
 
-async def test_status_and_ports(tmp_path: Path, notify: NotifySocket) -> None:
-    async with run_daemon(tmp_path, notify) as d, d.admin() as admin:
+async def test_status_and_ports(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
         status = (await admin.get("/v1/status")).json()
         assert status["state"] == "ready"
         assert status["ports"] == 2
@@ -56,59 +53,45 @@ async def test_status_and_ports(tmp_path: Path, notify: NotifySocket) -> None:
         ports = (await admin.get("/v1/ports")).json()
         assert [p["port"] for p in ports] == sorted(d.ports)
         one = (await admin.get(f"/v1/ports/{d.ports[0]}")).json()
-        assert (
-            one.items()
-            >= {
-                "port": d.ports[0],
-                "host": "127.0.0.1",
-                "name": f"dev-{d.ports[0]}",
-                "framing": "lines",
-                "max_connections": 64,
-                "keepalive": True,
-                "idle_timeout": 0.0,
-                "state": "listening",
-                "source": "config",
-                "connections": 0,
-                "messages_received": 0,
-                "bytes_received": 0,
-            }.items()
-        )
+        assert one == config_port(d.ports[0], **{k: one[k] for k in COUNTERS})
+        assert all(isinstance(one[k], int) for k in COUNTERS)  # other tests send data
         missing = await admin.get("/v1/ports/1")
         assert missing.status_code == 404
         assert missing.json() == {"detail": "port 1 is not a listener"}
 
 
-async def test_add_port_listens_when_answered_and_persists(
-    tmp_path: Path, notify: NotifySocket
-) -> None:
-    async with run_daemon(tmp_path, notify) as d, d.admin() as admin:
+async def test_add_port_listens_when_answered_and_persists(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
         port = free_port()
         r = await admin.post(
             "/v1/ports", json={"port": port, "name": "scale-9", "host": "127.0.0.1"}
         )
         assert r.status_code == 201, r.text
-        assert r.json()["source"] == "runtime" and r.json()["state"] == "listening"
-        assert accepts(port)  # no retry: it listens when the answer arrives
-        assert [p["port"] for p in state_file(d)["added"]] == [port]
-        again = await admin.post("/v1/ports", json={"port": port})
-        assert again.status_code == 409
-        assert again.json() == {"detail": f"port {port} is already a listener"}
-        async with connect(f"{d.ws_url}?port={port}") as ws:
-            await send_device(port, b"runtime port\n")
-            assert await asyncio.wait_for(ws.recv(), 5) == "runtime port"
+        try:
+            assert r.json()["source"] == "runtime" and r.json()["state"] == "listening"
+            assert await accepts(port, d)  # no retry: it listens when the answer arrives
+            assert runtime_ports(d) == [port]
+            again = await admin.post("/v1/ports", json={"port": port})
+            assert again.status_code == 409
+            assert again.json() == {"detail": f"port {port} is already a listener"}
+            async with connect(f"{d.ws_url}?port={port}") as ws:
+                await send_device(port, b"runtime port\n")
+                assert await recv(ws) == ["runtime port"]
+        finally:
+            assert (await admin.delete(f"/v1/ports/{port}")).status_code == 200
+        assert runtime_ports(d) == []
 
 
-async def test_add_port_bind_failure_leaves_no_trace(tmp_path: Path, notify: NotifySocket) -> None:
-    async with run_daemon(tmp_path, notify) as d, d.admin() as admin:
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            busy = taken.getsockname()[1]
+async def test_add_port_bind_failure_leaves_no_trace(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
+        with busy_port() as busy:
             r = await admin.post("/v1/ports", json={"port": busy, "host": "127.0.0.1"})
         assert r.status_code == 409
         assert r.json() == {"detail": f"port {busy}: address already in use"}
         assert (await admin.get(f"/v1/ports/{busy}")).status_code == 404
-        assert not (d.state_dir / "ports.json").exists()
+        assert busy not in runtime_ports(d)
 
 
 @pytest.mark.parametrize(
@@ -125,9 +108,9 @@ async def test_add_port_bind_failure_leaves_no_trace(tmp_path: Path, notify: Not
     ],
 )
 async def test_add_port_invalid_body_is_422_with_one_sentence(
-    tmp_path: Path, notify: NotifySocket, body: Any
+    shared_daemon: Daemon, body: Any
 ) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+    async with shared_daemon.admin() as admin:
         r = await admin.post("/v1/ports", json=body)
         assert r.status_code == 422
         detail = r.json()["detail"]
@@ -146,7 +129,7 @@ async def test_remove_drains_that_port_alone(tmp_path: Path, notify: NotifySocke
         async with connect(d.ws_url, max_queue=None) as ws:
             streaming = await send_device(other, close=False)
             leaving = await send_device(removed, b"bye\n", close=False)
-            assert await asyncio.wait_for(ws.recv(), 5) == "bye"
+            assert await recv(ws) == ["bye"]
             remove = asyncio.create_task(admin.delete(f"/v1/ports/{removed}"))
             sent = 0
             while not remove.done() and sent < 2000:
@@ -161,14 +144,14 @@ async def test_remove_drains_that_port_alone(tmp_path: Path, notify: NotifySocke
             assert final["port"] == removed
             assert final["messages_received"] == 1 and final["bytes_received"] == 4
             await loop.sock_sendall(streaming, b"end\n")
-            got = []
+            got: list[str | bytes] = []
             async with asyncio.timeout(5_000 * MS):
                 while not got or got[-1] != "end":
                     got.append(await ws.recv())
             assert got == [f"other {i}" for i in range(sent)] + ["end"]
             streaming.close()
-        assert not accepts(removed)
-        assert state_file(d)["removed"] == [removed]
+        assert not await accepts(removed)
+        assert d.state()["removed"] == [removed]
         assert (await admin.delete(f"/v1/ports/{removed}")).status_code == 404
 
 
@@ -181,10 +164,9 @@ async def test_remove_force_skips_the_drain(tmp_path: Path, notify: NotifySocket
         device.close()
 
 
-async def test_concurrent_changes_on_one_port_are_serialized(
-    tmp_path: Path, notify: NotifySocket
-) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+async def test_concurrent_changes_on_one_port_are_serialized(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    async with d.admin() as admin:
         port = free_port()
         adds = await asyncio.gather(
             *(admin.post("/v1/ports", json={"port": port, "host": "127.0.0.1"}) for _ in range(20))
@@ -193,8 +175,8 @@ async def test_concurrent_changes_on_one_port_are_serialized(
         removes = await asyncio.gather(*(admin.delete(f"/v1/ports/{port}") for _ in range(5)))
         assert all(r.status_code in (200, 404) for r in removes)
         assert (await admin.get(f"/v1/ports/{port}")).status_code == 404
-        assert state_file(d)["added"] == []
-        assert not accepts(port)
+        assert runtime_ports(d) == []
+        assert not await accepts(port)
 
 
 async def test_state_write_failure_is_500_and_changes_nothing(
@@ -207,10 +189,10 @@ async def test_state_write_failure_is_500_and_changes_nothing(
         r = await admin.post("/v1/ports", json={"port": port, "host": "127.0.0.1"})
         assert r.status_code == 500
         assert "cannot write state file" in r.json()["detail"]
-        assert not accepts(port)
+        assert not await accepts(port)
         r = await admin.delete(f"/v1/ports/{d.ports[0]}")
         assert r.status_code == 500
-        assert accepts(d.ports[0])
+        assert await accepts(d.ports[0], d)
         assert (await admin.get(f"/v1/ports/{d.ports[0]}")).json()["state"] == "listening"
 
 
@@ -224,7 +206,7 @@ async def test_runtime_changes_survive_a_restart(tmp_path: Path, notify: NotifyS
     async with run_daemon(tmp_path, notify, ports=ports) as d, d.admin() as admin:
         listed = {p["port"]: p["source"] for p in (await admin.get("/v1/ports")).json()}
         assert listed == {ports[1]: "config", added: "runtime"}
-        assert not accepts(ports[0])
+        assert not await accepts(ports[0])
 
 
 async def test_corrupt_state_is_set_aside(tmp_path: Path, notify: NotifySocket) -> None:
@@ -276,10 +258,7 @@ async def test_reload_reports_ports_that_cannot_be_bound(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     async with run_daemon(tmp_path, notify) as d, d.admin() as admin:
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            busy = taken.getsockname()[1]
+        with busy_port() as busy:
             d.config.write_text(
                 d.config.read_text() + f'[[ports]]\nport = {busy}\nhost = "127.0.0.1"\n'
             )
@@ -302,8 +281,8 @@ async def test_admin_on_http_port_needs_the_token(tmp_path: Path, notify: Notify
             assert (await client.get("/healthz")).status_code == 200
 
 
-async def test_openapi_documents_every_route(tmp_path: Path, notify: NotifySocket) -> None:
-    async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+async def test_openapi_documents_every_route(shared_daemon: Daemon) -> None:
+    async with shared_daemon.admin() as admin:
         spec = (await admin.get("/openapi.json")).json()
         paths = spec["paths"]
         assert set(paths) >= {"/v1/status", "/v1/ports", "/v1/ports/{port}", "/v1/reload"}
@@ -329,49 +308,29 @@ bodies = (
 )
 
 
-@pytest.fixture(scope="module")
-def daemon_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    """A relayd subprocess for synchronous property tests; yields an admin client."""
-    tmp = tmp_path_factory.mktemp("fuzz")
-    cfg = tmp / "relayd.toml"
-    cfg.write_text(config_text(free_port(), [free_port()]))
-    sock = tmp / "admin.sock"
-    proc = subprocess.Popen(
-        relayd_command(
-            "--config", str(cfg), "--admin-socket", str(sock), "--state-dir", str(tmp / "state")
-        ),
-        stderr=subprocess.DEVNULL,
-    )
-    client = httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), base_url="http://relayd")
-    try:
-        deadline = time.monotonic() + 15
-        # Connect only once the socket exists: httpcore leaks the socket of a failed connect.
-        while not (sock.exists() and client.get("/readyz").status_code == 200):
-            assert proc.poll() is None and time.monotonic() < deadline, "relayd did not start"
-            time.sleep(0.05)
-        yield client
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=15)
-
-
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# More in `make soak-timing`: RELAYD_TEST_FUZZ_EXAMPLES=1000.
+@settings(
+    max_examples=int(os.environ.get("RELAYD_TEST_FUZZ_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 @given(body=bodies, path=st.sampled_from(["/v1/ports", "/v1/ports/abc", "/v1/reload"]))
-def test_fuzzed_admin_requests_never_get_a_5xx(
-    daemon_process: httpx.Client, body: Any, path: str
+async def test_fuzzed_admin_requests_never_get_a_5xx(
+    shared_daemon: Daemon, body: Any, path: str
 ) -> None:
     if isinstance(body, dict) and isinstance(body.get("port"), int):
         body["port"] = 20000 + body["port"] % 40000  # stay clear of well-known ports
         body.pop("host", None)
         body["host"] = "127.0.0.1"
-    r = daemon_process.post(path, json=body)
-    assert r.status_code < 500, r.text
-    if r.status_code >= 400:
-        assert isinstance(r.json()["detail"], str)
-    if r.status_code == 201:
-        removed = daemon_process.delete(f"/v1/ports/{r.json()['port']}", params={"force": "true"})
-        assert removed.status_code == 200
+    async with shared_daemon.admin() as admin:
+        r = await admin.post(path, json=body)
+        assert r.status_code < 500, r.text
+        if r.status_code >= 400:
+            assert isinstance(r.json()["detail"], str)
+        if r.status_code == 201:
+            port = r.json()["port"]
+            removed = await admin.delete(f"/v1/ports/{port}", params={"force": "true"})
+            assert removed.status_code == 200
 
 
 async def test_a_runtime_port_without_host_binds_the_defaults_host(

@@ -451,14 +451,14 @@ def relayctl(
     )
 
 
-def relayctl_bg(*args: str) -> subprocess.Popen[str]:
+def relayctl_bg(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCTL_")}
     return subprocess.Popen(
         [str(RELAYCTL), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=clean,
+        env=clean | (env or {}),
     )
 
 
@@ -1139,36 +1139,44 @@ def test_tail_url_without_a_daemon_exits_69() -> None:
 # --- the installed relayctl against the fake daemon ------------------------------
 
 
-@pytest.mark.parametrize(
-    ("args", "code", "stdout", "stderr"),
-    [
-        (["--version"], 0, f"relayctl {__version__}\n", ""),
-        (["status"], 0, "state            ready\n", ""),
-        (["ports", "list"], 0, "PORT  NAME", ""),
-        (["ports", "list", "--json"], 0, '[{"port": 8001, ', ""),
-        (["ports", "show", "8002"], 0, "framing          raw\n", ""),
-        (["ports", "show", "8009"], 1, "", "relayctl: port 8009 is not a listener\n"),
-        (["ports", "add", "8004", "--name", "scale-4"], 0, "port 8004 listening (scale-4)\n", ""),
-        (["ports", "add", "8001"], 1, "", "relayctl: port 8001 is already a listener\n"),
-        (["ports", "add", "65536"], 2, "", "Error: Invalid value for"),
-        (
-            ["ports", "remove", "8001"],
-            0,
-            "port 8001 (scale-1) removed: 12 messages",
-            "relayctl: port 8001 (scale-1) is draining: ",
-        ),
-        (["reload"], 0, "reloaded: no changes\n", ""),
-        ([], 2, "", "Usage: relayctl"),
-    ],
-)
-def test_installed_relayctl(
-    fake: FakeRelayd, args: list[str], code: int, stdout: str, stderr: str
-) -> None:
-    proc = relayctl(*args, env={"RELAYCTL_SOCKET": str(fake.path)})
-    assert proc.returncode == code, proc.stderr
-    assert stdout in proc.stdout if stdout else proc.stdout == ""
-    assert stderr in proc.stderr if stderr else proc.stderr == ""
-    no_traceback(proc.stderr)
+# The console script end to end, one case per exit code and output kind (every command
+# runs installed against the real relayd in test_cli_daemon.py). Each case has a fake
+# of its own, and they run at once: a run is mostly the interpreter starting.
+INSTALLED_CASES: list[tuple[list[str], int, str, str]] = [
+    (["status"], 0, "state            ready\n", ""),
+    (["ports", "list", "--json"], 0, '[{"port": 8001, ', ""),
+    (["ports", "show", "8009"], 1, "", "relayctl: port 8009 is not a listener\n"),
+    (["ports", "add", "8001"], 1, "", "relayctl: port 8001 is already a listener\n"),
+    (
+        ["ports", "remove", "8001"],
+        0,
+        "port 8001 (scale-1) removed: 12 messages",
+        "relayctl: port 8001 (scale-1) is draining: ",
+    ),
+    (["ports", "add", "65536"], 2, "", "Error: Invalid value for"),
+    ([], 2, "", "Usage: relayctl"),
+]
+
+
+def test_installed_relayctl(short_dir: Path) -> None:
+    fakes = [
+        FakeRelayd(FakeState(token="s3cret"), short_dir / f"admin-{i}.sock")
+        for i in range(len(INSTALLED_CASES))
+    ]
+    try:
+        runs = [
+            relayctl_bg(*args, env={"RELAYCTL_SOCKET": str(fake.path)})
+            for (args, *_), fake in zip(INSTALLED_CASES, fakes, strict=True)
+        ]
+        results = [finish(proc) for proc in runs]
+    finally:
+        for fake in fakes:
+            fake.stop()
+    for (args, code, stdout, stderr), (got, out, err) in zip(INSTALLED_CASES, results, strict=True):
+        assert got == code, (args, err)
+        assert stdout in out if stdout else out == "", args
+        assert stderr in err if stderr else err == "", args
+        no_traceback(err)
 
 
 def test_installed_relayctl_over_url(fake: FakeRelayd) -> None:
@@ -1272,41 +1280,50 @@ def test_installed_tail_ctrl_c_exits_130(fake: FakeRelayd) -> None:
     no_traceback(err)
 
 
-def run_on_a_terminal(*args: str) -> str:
-    """Run the installed relayctl with stdout and stderr on a pseudo-terminal."""
-    primary, secondary = pty.openpty()
-    env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "RELAYCTL_SOCKET")}
-    proc = subprocess.Popen(
-        [str(RELAYCTL), *args], stdout=secondary, stderr=secondary, env=env | {"TERM": "xterm"}
-    )
-    os.close(secondary)
-    chunks = []
-    try:
-        while select.select([primary], [], [], TIMEOUT)[0]:
-            try:
-                chunk = os.read(primary, 4096)
-            except OSError:  # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-        proc.wait(TIMEOUT)
-    finally:
-        os.close(primary)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return b"".join(chunks).decode()
+class OnATerminal:
+    """The installed relayctl with stdout and stderr on a pseudo-terminal."""
+
+    def __init__(self, *args: str) -> None:
+        self.primary, secondary = pty.openpty()
+        env = {k: v for k, v in os.environ.items() if k not in ("NO_COLOR", "RELAYCTL_SOCKET")}
+        self.proc = subprocess.Popen(
+            [str(RELAYCTL), *args], stdout=secondary, stderr=secondary, env=env | {"TERM": "xterm"}
+        )
+        os.close(secondary)
+
+    def output(self) -> str:
+        chunks = []
+        try:
+            while select.select([self.primary], [], [], TIMEOUT)[0]:
+                try:
+                    chunk = os.read(self.primary, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            self.proc.wait(TIMEOUT)
+        finally:
+            os.close(self.primary)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return b"".join(chunks).decode()
 
 
-@pytest.mark.parametrize(
-    "args",
-    [["ports", "list"], ["status"], ["ports", "add", "0"], ["ports", "-h"], ["ports", "show", "9"]],
-)
-def test_no_colour_even_on_a_terminal(fake: FakeRelayd, args: list[str]) -> None:
-    text = run_on_a_terminal("--socket", str(fake.path), *args)
-    assert text.strip()
-    assert "\x1b" not in text
+def test_no_colour_even_on_a_terminal(fake: FakeRelayd) -> None:
+    cases = [
+        ["ports", "list"],
+        ["status"],
+        ["ports", "add", "0"],
+        ["ports", "-h"],
+        ["ports", "show", "9"],
+    ]
+    runs = [OnATerminal("--socket", str(fake.path), *args) for args in cases]  # all at once
+    for args, run in zip(cases, runs, strict=True):
+        text = run.output()
+        assert text.strip(), args
+        assert "\x1b" not in text, args
 
 
 def test_installed_relayctl_completion() -> None:

@@ -28,39 +28,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
 from relayd import listeners
 from relayd.server import ACCEPT_OUT_OF_RESOURCES, AcceptErrorHandler
-from tests.conftest import (
+from tests.helpers import (
     MS,
-    Daemon,
-    DaemonProcess,
+    WS_HANDSHAKE,
     NotifySocket,
+    RawWebSocket,
+    admin_client,
+    device,
+    recv,
     run_daemon,
     send_device,
     spawn_daemon,
+    wait_status,
     wait_until,
 )
 
 pytestmark = pytest.mark.anyio
 logger = logging.getLogger(__name__)
 
+# Tests with a performance claim run twice: as a behaviour in `make test`, and as
+# the full-size case held to its figures in `make soak-timing` (marker `timing`).
+TIMED = [
+    pytest.param(False, id="behaviour"),
+    pytest.param(True, id="timed", marks=pytest.mark.timing),
+]
 # A longer stream for `make soak`: RELAYD_TEST_LONG_STREAM_MB=1024.
-LONG_STREAM_MB = float(os.environ.get("RELAYD_TEST_LONG_STREAM_MB", "200"))
+# 96 MiB is well past the bound on the daemon's growth (33 MiB) the test asserts.
+LONG_STREAM_MB = float(os.environ.get("RELAYD_TEST_LONG_STREAM_MB", "96"))
 MAX_MESSAGE = 65536  # relay.max_message default
 # Daemons whose latency or CPU time is measured run without asyncio's debug mode,
 # which captures a stack for every callback scheduled (tests of the behaviour, not
 # of the debug build; the in-process tests keep debug mode on).
 NO_ASYNCIO_DEBUG = {"PYTHONASYNCIODEBUG": ""}
-
-WS_HANDSHAKE = (
-    b"GET /ws HTTP/1.1\r\nHost: relayd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-)
-
 
 # Helpers
 
@@ -142,38 +146,6 @@ def raise_nofile(needed: int) -> None:
         pytest.skip(f"needs {needed} file descriptors, the hard limit is {hard}")
 
 
-def ws_url(d: Daemon | DaemonProcess) -> str:
-    return f"ws://127.0.0.1:{d.http_port}/ws"
-
-
-def admin_client(path: Path) -> httpx.AsyncClient:
-    transport = httpx.AsyncHTTPTransport(uds=str(path))
-    return httpx.AsyncClient(transport=transport, base_url="http://relayd", timeout=5)
-
-
-async def device(port: int) -> socket.socket:
-    sock = await send_device(port, close=False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-async def recv_all(ws: ClientConnection, n: int, timeout: float = 10_000 * MS) -> list[Any]:
-    out = []
-    async with asyncio.timeout(timeout):
-        for _ in range(n):
-            out.append(await ws.recv())
-    return out
-
-
-async def wait_status(admin: httpx.AsyncClient, key: str, value: object) -> None:
-    """Poll GET /v1/status (a subprocess daemon has no event to wait on) until key == value."""
-    async with asyncio.timeout(5_000 * MS):
-        while True:
-            if (await admin.get("/v1/status")).json()[key] == value:
-                return
-            await asyncio.sleep(0.01)
-
-
 @dataclass
 class Talker:
     """Devices that each send a numbered line every ``period`` seconds until stopped."""
@@ -210,8 +182,8 @@ async def test_garbage_from_many_devices_is_relayed_byte_exact(
         port = d.ports[0]
         listener = d.runtime.registry.get(port)
         async with (
-            connect(f"{ws_url(d)}?format=json", max_queue=None) as envelopes,
-            connect(ws_url(d), max_queue=None) as bare,
+            connect(f"{d.ws_url}?format=json", max_queue=None) as envelopes,
+            connect(d.ws_url, max_queue=None) as bare,
         ):
             loop = asyncio.get_running_loop()
             socks = [await device(port) for _ in streams]
@@ -231,8 +203,8 @@ async def test_garbage_from_many_devices_is_relayed_byte_exact(
             n = listener.messages_received
             if framing == "lines":
                 assert n == sum(len(lines_of(s)) for s in streams)
-            got_json = [json.loads(m) for m in await recv_all(envelopes, n)]
-            got_bare = await recv_all(bare, n)
+            got_json = [json.loads(m) for m in await recv(envelopes, n)]
+            got_bare = await recv(bare, n)
     per_device: list[list[bytes]] = [[] for _ in streams]
     for envelope, frame in zip(got_json, got_bare, strict=True):
         if "data" in envelope:
@@ -257,20 +229,20 @@ async def test_device_sending_one_byte_at_a_time(tmp_path: Path, notify: NotifyS
     payload = b"ab\r\nc\x00d\r\n\xe2\x82\xac 1\ny"  # 19 bytes, a partial line at the end
     async with run_daemon(tmp_path, notify, nports=1) as d:
         port = d.ports[0]
-        async with connect(ws_url(d)) as ws:
+        async with connect(d.ws_url) as ws:
             loop = asyncio.get_running_loop()
             slow = await device(port)
             got: list[Any] = []
             for i in range(len(payload)):
                 await loop.sock_sendall(slow, payload[i : i + 1])
                 if payload[i : i + 1] == b"\n":  # each line is relayed as soon as it ends
-                    got += await recv_all(ws, 1, timeout=1_000 * MS)
+                    got += await recv(ws, 1, timeout=1_000 * MS)
                 if i == 6:  # mid-line: another device is not held up, no partial line leaks
                     await send_device(port, b"fast\n")
-                    assert await recv_all(ws, 1, timeout=1_000 * MS) == ["fast"]
+                    assert await recv(ws, 1, timeout=1_000 * MS) == ["fast"]
                 await asyncio.sleep(0.02)  # the device's pace is the case under test
             slow.close()
-            got += await recv_all(ws, 1)
+            got += await recv(ws, 1)
             assert got == ["ab", "c\x00d", "€ 1", "y"]
             listener = d.runtime.registry.get(port)
             assert listener.bytes_received == len(payload) + len(b"fast\n")
@@ -286,7 +258,7 @@ async def test_endless_line_keeps_memory_bounded(tmp_path: Path, notify: NotifyS
     buffer = pattern * ((max(chunk, MAX_MESSAGE) + len(pattern)) // len(pattern) + 1)
     async with spawn_daemon(tmp_path, notify, nports=1) as d:
         pid = d.proc.pid
-        async with connect(ws_url(d), max_size=2 * MAX_MESSAGE, max_queue=64) as ws:
+        async with connect(d.ws_url, max_size=2 * MAX_MESSAGE, max_queue=64) as ws:
             baseline = proc_status(pid, "VmHWM")
             loop = asyncio.get_running_loop()
             received = 0
@@ -374,7 +346,7 @@ async def test_idle_timeout_closes_a_silent_device_not_a_talking_one(
     ) as d:
         port = d.ports[0]
         loop = asyncio.get_running_loop()
-        async with connect(ws_url(d)) as ws:
+        async with connect(d.ws_url) as ws:
             t0 = time.monotonic()
             silent = await device(port)
             talker = Talker([await device(port)], period=timeout / 4)
@@ -385,45 +357,15 @@ async def test_idle_timeout_closes_a_silent_device_not_a_talking_one(
             # Keep talking for three more timeouts: the talker stays connected.
             received: list[Any] = []
             while time.monotonic() - t0 < 4 * timeout:
-                received += await recv_all(ws, 1)
+                received += await recv(ws, 1)
             talker.stop.set()
             await talking
             assert timeout <= silent_for < timeout + 2
             assert len(d.runtime.registry.get(port).connections) == 1
-            received += await recv_all(ws, talker.sent - len(received))
+            received += await recv(ws, talker.sent - len(received))
             assert received == [f"dev0 seq{i}" for i in range(talker.sent)]
             silent.close()
             talker.socks[0].close()
-
-
-class RawWebSocket:
-    """A client that completes the handshake and then only reads: it never answers pings."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, port: int) -> RawWebSocket:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(WS_HANDSHAKE)
-        head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101"), head
-        return cls(reader, writer)
-
-    async def frame(self) -> tuple[int, bytes]:
-        b0, b1 = await self.reader.readexactly(2)
-        n = b1 & 0x7F
-        if n == 126:
-            (n,) = struct.unpack("!H", await self.reader.readexactly(2))
-        elif n == 127:
-            (n,) = struct.unpack("!Q", await self.reader.readexactly(8))
-        return b0 & 0x0F, await self.reader.readexactly(n)
-
-    async def close(self) -> None:
-        self.writer.close()
-        with contextlib.suppress(OSError):
-            await self.writer.wait_closed()
 
 
 async def test_websocket_client_that_stops_answering_pings_is_closed(
@@ -432,7 +374,7 @@ async def test_websocket_client_that_stops_answering_pings_is_closed(
     extra = "[relay]\nping_interval = 0.2\nping_timeout = 0.3\n"
     async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
         hub = d.runtime.hub
-        async with connect(ws_url(d)) as healthy:  # answers pings itself
+        async with connect(d.ws_url) as healthy:  # answers pings itself
             t0 = time.monotonic()
             dead = await RawWebSocket.open(d.http_port)
             await wait_until(lambda: hub.clients == 2)
@@ -452,7 +394,7 @@ async def test_websocket_client_that_stops_answering_pings_is_closed(
             # The healthy client outlives five more ping rounds and still gets data.
             await asyncio.sleep(1.0)  # the observation window, not a synchronisation
             await send_device(d.ports[0], b"still here\n")
-            assert await recv_all(healthy, 1) == ["still here"]
+            assert await recv(healthy, 1) == ["still here"]
             assert hub.clients == 1
 
 
@@ -519,10 +461,6 @@ def tcp_flood(port: int, n: int, rounds: int, room: int, deadline: float) -> dic
 
 def ws_flood(port: int, n: int, rounds: int, deadline: float) -> dict[str, Any]:
     """``rounds`` bursts of ``n`` WebSocket handshakes; each waits for relayd's close frame."""
-    handshake = (
-        b"GET /ws HTTP/1.1\r\nHost: relayd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
     closed: list[float] = []
     codes: list[int] = []
     errors: list[str] = []
@@ -534,7 +472,7 @@ def ws_flood(port: int, n: int, rounds: int, deadline: float) -> dict[str, Any]:
         for _ in range(n):
             try:
                 sock = socket.create_connection(("127.0.0.1", port), timeout=deadline)
-                sock.sendall(handshake)
+                sock.sendall(WS_HANDSHAKE)
             except OSError as exc:
                 errors.append(str(exc))
                 continue
@@ -624,6 +562,7 @@ CHILD_SCRIPT = "\n".join(
     [
         "import errno, json, selectors, socket, struct, sys, time",
         "from typing import Any",
+        f"WS_HANDSHAKE = {WS_HANDSHAKE!r}",
         *(inspect.getsource(f) for f in (tcp_flood, ws_flood, status_probe, child_main)),
         "child_main(*sys.argv[1:])",
     ]
@@ -695,10 +634,21 @@ def assert_refused_at_once(times: list[float]) -> None:
     assert times[-1] < 4_000 * MS, f"slowest {times[-1]:.2f} s"
 
 
+def assert_flood_figures(refused: list[float], latencies: list[float], *, timed: bool) -> None:
+    """The admin API answered during the flood; timed, also within relayd's figures."""
+    assert latencies, "no admin request was answered during the flood"
+    if timed:
+        assert_refused_at_once(refused)
+        assert len(latencies) >= 10
+        assert p99(latencies) < 0.100
+
+
+@pytest.mark.parametrize("timed", TIMED)
 async def test_connection_flood_is_refused_while_devices_keep_flowing(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
-    burst, rounds, held = 5000, 3, 32
+    # The timed run (make soak-timing) is the full flood, and holds relayd to its figures.
+    burst, rounds, held = (5000, 3, 32) if timed else (500, 2, 32)
     raise_nofile(burst + held + 200)
     async with spawn_daemon(tmp_path, notify, nports=1, env=NO_ASYNCIO_DEBUG) as d:
         port = d.ports[0]
@@ -706,7 +656,7 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
             limit = (await admin.get(f"/v1/ports/{port}")).json()["max_connections"]
             assert limit == 64
             expect_refused = rounds * burst - (limit - held)
-            async with connect(f"{ws_url(d)}?port={port}", max_queue=None) as ws:
+            async with connect(f"{d.ws_url}?port={port}", max_queue=None) as ws:
                 talker = Talker([await device(port) for _ in range(held)])
                 await wait_status(admin, "tcp_connections", held)
                 talking = asyncio.create_task(talker.run())
@@ -721,7 +671,7 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
                 talker.stop.set()
                 await talking
                 # Every message the devices sent during the flood arrives, in order per device.
-                got = [str(m).split() for m in await recv_all(ws, talker.sent)]
+                got = [str(m).split() for m in await recv(ws, talker.sent)]
                 metrics = (await admin.get("/metrics")).text
             for sock in talker.socks:
                 sock.close()
@@ -752,22 +702,21 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
         max(latencies) * 1000,
         len(latencies),
     )
-    assert_refused_at_once(refused)
-    assert len(latencies) >= 10
-    assert p99(latencies) < 0.100
+    assert_flood_figures(refused, latencies, timed=timed)
 
 
+@pytest.mark.parametrize("timed", TIMED)
 async def test_websocket_flood_over_max_clients_is_refused_with_1013(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
-    burst, rounds, max_clients = 500, 3, 10
+    burst, rounds, max_clients = (500, 3, 10) if timed else (100, 2, 10)
     raise_nofile(burst + max_clients + 200)
     extra = f"[relay]\nmax_clients = {max_clients}\n"
     async with spawn_daemon(tmp_path, notify, nports=1, extra=extra, env=NO_ASYNCIO_DEBUG) as d:
         port = d.ports[0]
         async with contextlib.AsyncExitStack() as stack:
             clients = [
-                await stack.enter_async_context(connect(ws_url(d), max_queue=None))
+                await stack.enter_async_context(connect(d.ws_url, max_queue=None))
                 for _ in range(max_clients)
             ]
             talker = Talker([await device(port)])
@@ -781,7 +730,7 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
             talker.stop.set()
             await talking
             for ws in clients:
-                got = await recv_all(ws, talker.sent)
+                got = await recv(ws, talker.sent)
                 assert got == [f"dev0 seq{i}" for i in range(talker.sent)]
             async with admin_client(d.admin_socket) as admin:
                 metrics = (await admin.get("/metrics")).text
@@ -789,7 +738,6 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
         talker.socks[0].close()
     assert not flood["errors"]
     assert flood["codes"] == [1013] * (rounds * burst)
-    assert_refused_at_once(flood["closed"])
     assert metric(metrics, "relayd_ws_clients_rejected_total") == rounds * burst
     assert status["ws_clients"] == max_clients
     latencies = during(samples, flood)
@@ -805,19 +753,19 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
         max(latencies) * 1000,
         len(latencies),
     )
-    assert len(latencies) >= 10
-    assert p99(latencies) < 0.100
+    assert_flood_figures(flood["closed"], latencies, timed=timed)
 
 
 # 4. Resource exhaustion
 
 
+@pytest.mark.parametrize("timed", TIMED)
 async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
-    tmp_path: Path, notify: NotifySocket
+    tmp_path: Path, notify: NotifySocket, timed: bool
 ) -> None:
     async with spawn_daemon(tmp_path, notify, nports=1, env=NO_ASYNCIO_DEBUG) as d:
         pid, port = d.proc.pid, d.ports[0]
-        async with connect(f"{ws_url(d)}?port={port}") as ws:
+        async with connect(f"{d.ws_url}?port={port}") as ws:
             # Leave the daemon room for 8 more descriptors, then connect twice as many
             # devices: the rest wait in the kernel's queue while accept() fails.
             spare = 8
@@ -825,8 +773,10 @@ async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (limit, limit))
             socks = [await device(port) for _ in range(2 * spare)]
             await wait_until(lambda: open_fds(pid) == limit)  # and accept() fails
+            await wait_until(lambda: "cannot accept" in d.output())
             cpu0, t0 = cpu_seconds(pid), time.monotonic()
-            await asyncio.sleep(2.5)  # the observation window: two more retries
+            if timed:
+                await asyncio.sleep(2.5)  # the observation window: two more retries
             cpu = cpu_seconds(pid) - cpu0
             wall = time.monotonic() - t0
             log = d.output()
@@ -835,7 +785,7 @@ async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
                 sock.close()
             # Recovery: fds are freed as the devices go; a new device gets through.
             await send_device(port, b"after the storm\n")
-            assert await recv_all(ws, 1) == ["after the storm"]
+            assert await recv(ws, 1) == ["after the storm"]
             recovered = time.monotonic() - t0 - wall
             await wait_until(lambda: open_fds(pid) <= limit - spare)
     assert "Traceback" not in log and ACCEPT_OUT_OF_RESOURCES not in log
@@ -852,7 +802,8 @@ async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
         wall,
         recovered,
     )
-    assert cpu < 0.1 * wall, f"{cpu:.2f} s CPU in {wall:.2f} s while out of fds"
+    if timed:  # it backs off rather than spinning on accept()
+        assert cpu < 0.1 * wall, f"{cpu:.2f} s CPU in {wall:.2f} s while out of fds"
 
 
 def test_accept_error_handler_logs_once_per_burst(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,19 +5,23 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import (
+from relayd import daemon
+from tests.helpers import (
     MS,
     NotifySocket,
+    accepts,
+    busy_port,
     config_text,
     free_port,
     relayd_command,
@@ -46,16 +50,40 @@ def test_version() -> None:
     assert __version__ in result.stdout
 
 
-def test_check_config_valid(tmp_path: Path) -> None:
+@dataclass
+class Outcome:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def relayd_main(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Outcome]:
+    """``relayd.daemon.main`` in this process, for what ends before the event loop starts;
+    the process around it (``python -m relayd``) is checked by the subprocess tests."""
+    monkeypatch.setattr(daemon, "configure_logging", lambda level: None)  # pytest's logging
+
+    def call(*args: str) -> Outcome:
+        code = daemon.main(list(args))
+        out, err = capsys.readouterr()
+        return Outcome(code, out, err)
+
+    return call
+
+
+def test_check_config_valid(tmp_path: Path, relayd_main: Callable[..., Outcome]) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(config_text(8000, [8001, 8002]))
-    result = run("--check-config", "--config", str(cfg))
-    assert result.returncode == 0, result.stderr
+    result = relayd_main("--check-config", "--config", str(cfg))
+    assert result.code == 0, result.err
+    assert result.out == f"relayd: {cfg}: configuration is valid\n"
 
 
-def test_shipped_example_config_is_valid() -> None:
+def test_shipped_example_config_is_valid(relayd_main: Callable[..., Outcome]) -> None:
     example = Path(__file__).parents[2] / "examples" / "relayd.toml"
-    assert run("--check-config", "--config", str(example)).returncode == 0
+    assert relayd_main("--check-config", "--config", str(example)).code == 0
 
 
 @pytest.mark.parametrize(
@@ -76,31 +104,36 @@ def test_shipped_example_config_is_valid() -> None:
     ],
 )
 def test_config_errors_exit_78_naming_the_key(
-    tmp_path: Path, text: str, expected: list[str]
+    tmp_path: Path, relayd_main: Callable[..., Outcome], text: str, expected: list[str]
 ) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(text)
     for args in (["--check-config"], []):
-        result = run(*args, "--config", str(cfg), "--state-dir", str(tmp_path))
-        assert result.returncode == 78
-        lines = result.stderr.strip().splitlines()
+        result = relayd_main(*args, "--config", str(cfg), "--state-dir", str(tmp_path))
+        assert result.code == 78
+        lines = result.err.strip().splitlines()
         assert len(lines) == len(expected)
         for line, key in zip(lines, expected, strict=True):
             assert key in line
-        assert "Traceback" not in result.stderr
+        assert "Traceback" not in result.err
 
 
-def test_missing_config_file(tmp_path: Path) -> None:
-    result = run("--check-config", "--config", str(tmp_path / "nope.toml"))
+def test_config_error_is_exit_status_78_of_the_process(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text("[http]\nhots = 1\n")
+    result = run("--config", str(cfg), "--state-dir", str(tmp_path))
     assert result.returncode == 78
-    assert "cannot read" in result.stderr
+    assert result.stderr == "relayd: http.hots: unknown key\n"
+
+
+def test_missing_config_file(tmp_path: Path, relayd_main: Callable[..., Outcome]) -> None:
+    result = relayd_main("--check-config", "--config", str(tmp_path / "nope.toml"))
+    assert result.code == 78
+    assert "cannot read" in result.err
 
 
 async def test_port_in_use_exits_1_without_ready(tmp_path: Path, notify: NotifySocket) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
+    with busy_port() as busy:
         cfg = tmp_path / "relayd.toml"
         cfg.write_text(config_text(free_port(), [free_port(), busy]))
         proc = await asyncio.create_subprocess_exec(
@@ -131,7 +164,7 @@ async def test_sigterm_drains_every_line_and_closes_1001(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     async with spawn_daemon(tmp_path, notify, nports=2) as d:
-        async with connect(f"ws://127.0.0.1:{d.http_port}/ws", max_queue=None) as ws:
+        async with connect(d.ws_url, max_queue=None) as ws:
             await asyncio.sleep(0)  # the subscription exists before the handshake completes
             n = 20_000
             loop = asyncio.get_running_loop()
@@ -167,7 +200,7 @@ async def test_sigterm_closes_devices_that_stay_after_the_drain_timeout(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     async with spawn_daemon(tmp_path, notify, nports=1) as d:
-        async with connect(f"ws://127.0.0.1:{d.http_port}/ws", max_queue=None) as ws:
+        async with connect(d.ws_url, max_queue=None) as ws:
             device = await send_device(d.ports[0], b"done\nhalf a li", close=False)
             assert await asyncio.wait_for(ws.recv(), 5) == "done"
             started = time.monotonic()
@@ -194,7 +227,7 @@ async def test_sighup_reconciles_ports(tmp_path: Path, notify: NotifySocket) -> 
     async with spawn_daemon(tmp_path, notify, nports=2) as d:
         keep, drop = d.ports
         new = free_port()
-        async with connect(f"ws://127.0.0.1:{d.http_port}/ws", max_queue=None) as ws:
+        async with connect(d.ws_url, max_queue=None) as ws:
             device = await send_device(keep, b"before\n", close=False)
             assert await asyncio.wait_for(ws.recv(), 5) == "before"
             text = config_text(d.http_port, [keep, new])
@@ -209,8 +242,7 @@ async def test_sighup_reconciles_ports(tmp_path: Path, notify: NotifySocket) -> 
             assert await asyncio.wait_for(ws.recv(), 5) == "after"
             await send_device(new, b"new port\n")
             assert await asyncio.wait_for(ws.recv(), 5) == "new port"
-            with pytest.raises(ConnectionRefusedError):
-                socket.create_connection(("127.0.0.1", drop), timeout=1).close()
+            assert not await accepts(drop)
             # An invalid config is rejected, and everything keeps running.
             d.config.write_text(text + "[bogus]\n")
             d.signal(signal.SIGHUP)
