@@ -151,9 +151,9 @@ async def test_an_expiring_token_closes_its_connection(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     async with run_daemon(tmp_path, notify, extra=TOKEN_MODE) as d, d.admin() as admin:
-        token = await add_token(admin, "visitor", expires_in=1)
+        token = await add_token(admin, "visitor", expires_in=2)
         async with connect(f"{d.ws_url}?access_token={token}") as ws:
-            assert await closed(ws, 3_000) == (1008, "token expired")
+            assert await closed(ws, 6_000) == (1008, "token expired")
         status, body = await refused_with(f"{d.ws_url}?access_token={token}")
         assert status == 401 and "expired" in body
 
