@@ -7,16 +7,20 @@ port object is those settings plus its state and counters (relayd(8), ADMIN API)
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from relayd import __version__
+from relayd.access import ADMIN
 from relayd.config import Host, PortNumber, PortSettings, format_loc
+from relayd.downlink import Refusal
 from relayd.errors import (
     BindError,
     ConfigError,
@@ -95,6 +99,20 @@ class NewTokenOut(TokenOut):
     token: str = Field(examples=["rlyd_..."], description="the secret: shown this once")
 
 
+class SendIn(BaseModel):
+    """Data for a port's devices: text, or bytes in base64; one device with ``peer``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    data: str | None = None
+    data_b64: str | None = None
+    peer: Annotated[str, Field(max_length=256)] | None = None
+
+
+class SendOut(BaseModel):
+    delivered: int
+
+
 class FailedPort(BaseModel):
     port: int
     detail: str
@@ -109,6 +127,10 @@ class ReloadOut(BaseModel):
 
 def port_out(listener: Listener) -> PortOut:
     return PortOut.model_validate(listener.snapshot())
+
+
+def _invalid(detail: str) -> HTTPException:
+    return HTTPException(422, f"invalid request: {detail}")
 
 
 def _error(status: int, detail: str) -> JSONResponse:
@@ -181,6 +203,29 @@ def create_router(runtime: Runtime) -> APIRouter:
     ) -> PortOut:
         listener = await runtime.remove_port(port, force=force)
         return port_out(listener)
+
+    @router.post(
+        "/ports/{port}/send",
+        response_model=SendOut,
+        responses={k: ERRORS[k] for k in (404, 409, 413, 415, 422)},
+    )
+    async def send(port: PortNumber, body: SendIn) -> SendOut:
+        if (body.data is None) == (body.data_b64 is None):
+            raise _invalid('give exactly one of "data" and "data_b64"')
+        if body.data is not None:
+            data = body.data.encode()
+        else:
+            try:
+                data = base64.b64decode(body.data_b64 or "", validate=True)
+            except (binascii.Error, ValueError):
+                raise _invalid('"data_b64" is not valid base64') from None
+        if port not in runtime.registry:
+            raise ListenerNotFound(port)
+        result = runtime.downlink.send(ADMIN, "admin", port, data, peer=body.peer)
+        if isinstance(result, Refusal):
+            status = 422 if result.reason in ("too_large", "invalid") else 409
+            raise HTTPException(status, f"port {port}: {result.sentence}")
+        return SendOut(delivered=result)
 
     @router.get("/tokens", response_model=list[TokenOut])
     async def list_tokens() -> list[dict[str, Any]]:

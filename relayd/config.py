@@ -131,6 +131,8 @@ class PortSettings(_Model):
     tls_cert: FilePath | None = None
     tls_key: FilePath | None = None
     client_ca: FilePath | None = None
+    downlink: bool = False
+    downlink_buffer: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 65536
 
     @model_validator(mode="after")
     def _tls_files(self) -> Self:

@@ -140,6 +140,7 @@ class DeviceConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.source: Source | None = None
         self.peer = "?"
+        self.device: str | None = None  # the TLS client certificate's CN
         self.framer = make_framer(listener.settings.framing, max_message=listener.max_message)
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
@@ -189,6 +190,7 @@ class DeviceConnection(asyncio.Protocol):
 
     def _open(self, device: str | None) -> None:
         listener = self.listener
+        self.device = device
         self.source = Source(listener.port, listener.settings.name, self.peer, device)
         if listener.settings.idle_timeout > 0:
             self.last_data = time.monotonic()
@@ -246,6 +248,23 @@ class DeviceConnection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
+
+    # Downlink (relayd.downlink)
+
+    @property
+    def writable(self) -> bool:
+        transport = self.transport
+        return self.source is not None and transport is not None and not transport.is_closing()
+
+    def write(self, data: bytes) -> bool:
+        """Queue ``data`` for the device unless that takes its buffer past ``downlink_buffer``."""
+        transport = self.transport
+        assert transport is not None
+        limit = self.listener.settings.downlink_buffer
+        if transport.get_write_buffer_size() + len(data) > limit:
+            return False
+        transport.write(data)
+        return True
 
     def _framing_error(self, error: FramingError) -> None:
         logger.warning(

@@ -66,6 +66,22 @@ class RelayCollector(Collector):
         for reason, count in runtime.http_rejected.items():
             http_rejected.add_metric([reason], count)
         yield http_rejected
+        stats = runtime.downlink.stats
+        down_messages = CounterMetricFamily(
+            "relayd_downlink_messages", "Downlink writes accepted, per port", labels=["port"]
+        )
+        down_bytes = CounterMetricFamily(
+            "relayd_downlink_bytes", "Bytes written to devices by downlink", labels=["port"]
+        )
+        for number, count in stats.messages.items():
+            down_messages.add_metric([str(number)], count)
+            down_bytes.add_metric([str(number)], stats.bytes.get(number, 0))
+        down_rejected = CounterMetricFamily(
+            "relayd_downlink_rejected", "Downlink messages refused, by reason", labels=["reason"]
+        )
+        for refused, count in stats.rejected.items():
+            down_rejected.add_metric([refused], count)
+        yield from (down_messages, down_bytes, down_rejected)
         auth = CounterMetricFamily(
             "relayd_auth_failures",
             "Requests refused by access control, by reason",

@@ -20,6 +20,7 @@ from typing import Literal
 from relayd import __version__, tls
 from relayd.access import Access, load_jwt
 from relayd.config import PortSettings, Settings
+from relayd.downlink import Downlink
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
 from relayd.listeners import Listener, ListenerRegistry, Origin, bind
@@ -103,6 +104,7 @@ class Runtime:
             handshake_timeout=lambda: self.settings.http.handshake_timeout,
             tls_failures=self.tls_failures,
         )
+        self.downlink = Downlink(self.registry, lambda: self.settings.relay.max_message)
         self.tokens = TokenStore(state.path.parent)
         self.access = Access(lambda: self.settings, self.tokens)
         self.lock = asyncio.Lock()  # serializes port changes, reloads and the drain
@@ -194,6 +196,12 @@ class Runtime:
         prebound, self._prebound = self._prebound, []
         for settings, origin, sock in sorted(prebound, key=lambda item: item[0].port):
             await self.registry.add(settings, origin=origin, sock=sock)
+            if settings.downlink and self.settings.auth.mode == "none":
+                logger.warning(
+                    'port %d: downlink is on and [auth] mode is "none": anyone who reaches '
+                    "[http] may write to its devices",
+                    settings.port,
+                )
 
     def set_ready(self) -> None:
         self.phase = "ready"

@@ -10,6 +10,7 @@ WebSocket close code and reason (relayd(8), WEBSOCKET CLIENTS).
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Container, Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from urllib.parse import parse_qsl
 
 from relayd.auth import AuthFailure, Grant
 from relayd.config import RelaySettings
+from relayd.downlink import Refusal, parse_command
 from relayd.hub import (
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
@@ -42,6 +44,7 @@ class Subscribed:
     subscription: Subscription
     grant: Grant
     description: str  # for the one log line on open: "ports 8001,8002 (json)"
+    target: int | None  # the one ?port= of the request: bare messages go there (downlink)
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,11 +154,51 @@ class WsEndpoint:
         where = "all ports" if ports is None else "ports " + ",".join(map(str, ports))
         if grant.kind not in ("anonymous", "admin"):
             where += f" with token {grant.name}"
-        return Subscribed(subscription, grant, where + (" (json)" if parsed.json else ""))
+        target = parsed.ports[0] if parsed.ports is not None and len(parsed.ports) == 1 else None
+        return Subscribed(subscription, grant, where + (" (json)" if parsed.json else ""), target)
+
+    def received(
+        self,
+        data: bytes,
+        *,
+        json_mode: bool,
+        target: int | None,
+        grant: Grant,
+        peer: str,
+    ) -> bytes | None:
+        """A message from a client: a downlink write (relayd(8), DOWNLINK); the answer to send.
+
+        Bare format: written to the devices of the connection's one ``?port=``;
+        refusals are counted and otherwise ignored. JSON format: a command,
+        answered in order with an ``ack`` or an ``error``.
+        """
+        downlink = self.runtime.downlink
+        who = grant.who(peer)
+        if not json_mode:
+            if target is None:
+                downlink.refuse("ignored", "a bare message needs exactly one ?port=")
+            else:
+                downlink.send(grant, who, target, data)
+            return None
+        command = parse_command(data)
+        if isinstance(command, tuple):
+            problem, ident = command
+            downlink.refuse(problem.reason, problem.sentence)
+            return _answer({"error": problem.sentence, "id": ident})
+        result = downlink.send(
+            grant, who, command.port, command.data, peer=command.peer, device=command.device
+        )
+        if isinstance(result, Refusal):
+            return _answer({"error": result.sentence, "id": command.id})
+        return _answer({"ack": command.id, "port": command.port, "delivered": result})
 
     def closed(self, subscription: Subscription, grant: Grant) -> None:
         self.runtime.access.untrack(subscription, grant)
         self.runtime.hub.unsubscribe(subscription)
+
+
+def _answer(message: dict[str, object]) -> bytes:
+    return json.dumps(message).encode()
 
 
 def _requested_ports(query: str) -> list[int]:

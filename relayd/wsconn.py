@@ -72,6 +72,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         "ping_interval",
         "ping_timeout",
         "subscription",
+        "target",
         "timer",
         "transport",
     )
@@ -99,6 +100,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.peer = "?"
         self.subscription: Subscription | None = None
         self.grant: Grant | None = None
+        self.target: int | None = None
         self.close_sent = False
         self.disconnected = False
         self.deflate = False
@@ -235,6 +237,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         assert isinstance(decision, Subscribed)
         self.subscription = decision.subscription
         self.grant = decision.grant
+        self.target = decision.target
         if self.paused:
             self.subscription.pause()
         self._schedule_ping()
@@ -249,12 +252,28 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.transport.close()
 
     def _handle_frame(self, frame: Frame) -> None:
-        if frame.opcode is Opcode.PONG:
+        opcode = frame.opcode
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            subscription, grant = self.subscription, self.grant
+            if subscription is None or grant is None or self.close_sent:
+                return
+            if not frame.fin:  # fragmented messages are not taken: refused, counted
+                self.endpoint.runtime.downlink.refuse("invalid", "fragmented message")
+                return
+            answer = self.endpoint.received(
+                bytes(frame.data),
+                json_mode=subscription.json,
+                target=self.target,
+                grant=grant,
+                peer=self.peer,
+            )
+            if answer is not None:
+                self.conn.send_text(answer)
+        elif opcode is Opcode.PONG:
             if self.timer is not None and not self.close_sent:
                 self._cancel_timer()
                 self._schedule_ping()
-        # Text and binary messages from clients are ignored (relayd(8)); ping and
-        # close frames are answered by the websockets protocol itself.
+        # Ping and close frames are answered by the websockets protocol itself.
 
     def _how_closed(self) -> str:
         """Who closed, with the code and reason actually sent or received."""

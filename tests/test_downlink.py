@@ -1,0 +1,214 @@
+"""Downlink: clients and operators write to devices; bounded per device, audited, permitted."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from relayd.downlink import Command, Refusal, parse_command
+from tests.helpers import MS, NotifySocket, free_port, run_daemon, wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+def downlink_ports(*ports: int, framing: str = "lines", extra: str = "") -> str:
+    text = ""
+    for port in ports:
+        text += (
+            f'[[ports]]\nport = {port}\nhost = "127.0.0.1"\nframing = "{framing}"\n'
+            f"downlink = true\n{extra}\n"
+        )
+    return text
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+async def device(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port)
+
+
+async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
+    async with asyncio.timeout(5_000 * MS):
+        return await reader.readexactly(n)
+
+
+async def ask(ws: ClientConnection, command: dict[str, Any] | str) -> dict[str, Any]:
+    await ws.send(command if isinstance(command, str) else json.dumps(command))
+    async with asyncio.timeout(5_000 * MS):
+        answer = json.loads(await ws.recv())
+    assert isinstance(answer, dict)
+    return answer
+
+
+async def connected(d: Any, port: int, n: int) -> None:
+    await wait_until(lambda: len(d.runtime.registry.get(port).connections) == n)
+
+
+def test_commands_are_parsed_strictly() -> None:
+    assert parse_command(b'{"port": 8001, "data": "T\\n", "id": 7}') == Command(8001, b"T\n", id=7)
+    assert parse_command(b'{"port": 8001, "data_b64": "AAE="}') == Command(8001, b"\0\1")
+    for raw, ident in (
+        (b"not json", None),
+        (b"[1]", None),
+        (b'{"port": "8001", "data": "x", "id": 3}', 3),
+        (b'{"port": 8001, "id": "a"}', "a"),
+        (b'{"port": 8001, "data": "x", "data_b64": "eA=="}', None),
+        (b'{"port": 8001, "data_b64": "***"}', None),
+        (b'{"port": 8001, "data": "x", "peer": "a", "device": "b"}', None),
+        (b'{"port": 8001, "data": "x", "sudo": true}', None),
+        (b"[" * 100_000, None),
+    ):
+        result = parse_command(raw)
+        assert isinstance(result, tuple), raw[:40]
+        refusal, got = result
+        assert isinstance(refusal, Refusal) and refusal.reason == "invalid" and got == ident
+
+
+async def test_bare_and_json_writes_reach_the_devices(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    port, raw_port = free_port(), free_port()
+    extra = downlink_ports(port) + downlink_ports(raw_port, framing="raw")
+    caplog.set_level(logging.INFO, logger="relayd.audit")
+    async with run_daemon(tmp_path, notify, extra=extra) as d, d.admin() as admin:
+        (r1, w1), (r2, w2), (r3, w3) = [await device(p) for p in (port, port, raw_port)]
+        await connected(d, port, 2)
+        await connected(d, raw_port, 1)
+        async with connect(f"{d.ws_url}?port={port}") as bare:
+            await bare.send("TARE")  # lines framing: a newline is added
+            await bare.send(b"ZERO\n")  # ends with one already
+            for reader in (r1, r2):
+                assert await read_exactly(reader, 10) == b"TARE\nZERO\n"
+        async with connect(f"{d.ws_url}?format=json") as js:
+            peer = f"127.0.0.1:{w1.get_extra_info('sockname')[1]}"
+            answers = [
+                await ask(js, {"port": port, "data": "A", "id": 1}),
+                await ask(js, {"port": port, "data": "B", "peer": peer, "id": "two"}),
+                await ask(js, {"port": raw_port, "data_b64": b64(b"\x02S\x03")}),
+                await ask(js, {"port": port, "data": "C", "peer": "192.0.2.1:1", "id": 4}),
+                await ask(js, {"port": d.ports[0], "data": "D", "id": 5}),
+                await ask(js, {"port": 1, "data": "E", "id": 6}),
+                await ask(js, "{oops"),
+                await ask(js, {"port": port, "data": "x" * 70_000, "id": 8}),
+            ]  # fmt: skip
+        assert answers[:3] == [
+            {"ack": 1, "port": port, "delivered": 2},
+            {"ack": "two", "port": port, "delivered": 1},
+            {"ack": None, "port": raw_port, "delivered": 1},
+        ]
+        assert [a.get("id", "?") for a in answers[3:]] == [4, 5, 6, None, 8]
+        assert all("error" in a for a in answers[3:])
+        assert "downlink is off" in answers[4]["error"]
+        assert await read_exactly(r1, 4) == b"A\nB\n"
+        assert await read_exactly(r2, 2) == b"A\n"
+        assert await read_exactly(r3, 3) == b"\x02S\x03"  # raw framing: as sent
+        sent = await admin.post(f"/v1/ports/{port}/send", json={"data": "PRINT"})
+        assert sent.json() == {"delivered": 2}
+        assert await read_exactly(r1, 6) == b"PRINT\n"
+        off = await admin.post(f"/v1/ports/{d.ports[0]}/send", json={"data": "x"})
+        assert off.status_code == 409 and "downlink is off" in off.json()["detail"]
+        assert (await admin.post("/v1/ports/1/send", json={"data": "x"})).status_code == 404
+        metrics = (await admin.get("/metrics")).text
+        for w in (w1, w2, w3):
+            w.close()
+    assert f'relayd_downlink_messages_total{{port="{port}"}} 5.0' in metrics
+    assert 'relayd_downlink_rejected_total{reason="no_such_peer"} 1.0' in metrics
+    assert 'relayd_downlink_rejected_total{reason="downlink_off"} 2.0' in metrics
+    audit = [r.getMessage() for r in caplog.records if r.name == "relayd.audit"]
+    assert "downlink: anonymous 127.0.0.1:" in audit[0] and f"on port {port}" in audit[0]
+    assert any(line.startswith("downlink: admin wrote 6 byte(s) to 2 device(s)") for line in audit)
+    assert not any("TARE" in line or "PRINT" in line for line in audit)  # never the content
+
+
+async def test_a_device_that_does_not_read_fills_only_its_own_buffer(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    port = free_port()
+    extra = downlink_ports(port, extra="downlink_buffer = 65536")
+    async with run_daemon(tmp_path, notify, extra=extra) as d:
+        stuck = socket.socket()
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", port))  # never reads
+        reader, writer = await device(port)
+        await connected(d, port, 2)
+        chunk = "z" * 60_000
+        delivered = []
+        async with connect(f"{d.ws_url}?format=json") as js:
+            # Past the kernel's buffers for the stuck device, then past its own 64 KiB.
+            for i in range(1000):
+                answer = await ask(js, {"port": port, "data": chunk, "id": i})
+                assert "delivered" in answer, (i, answer)
+                delivered.append(answer["delivered"])
+                await reader.readexactly(60_001)  # the healthy device keeps up
+                if delivered[-3:] == [1, 1, 1]:
+                    break
+        stuck.close()
+        writer.close()
+    assert delivered[0] == 2 and delivered[-3:] == [1, 1, 1]  # the stuck one skipped, alone
+    assert d.runtime.downlink.stats.rejected["buffer_full"] == 0  # the other always took it
+
+
+async def test_only_permitted_clients_write(tmp_path: Path, notify: NotifySocket) -> None:
+    port = free_port()
+    extra = '[auth]\nmode = "token"\n' + downlink_ports(port)
+    async with run_daemon(tmp_path, notify, extra=extra) as d, d.admin() as admin:
+        reader, writer = await device(port)
+        await connected(d, port, 1)
+        viewer = (await admin.post("/v1/tokens", json={"name": "viewer"})).json()["token"]
+        tare = (await admin.post("/v1/tokens", json={"name": "tare", "write": [port]})).json()[
+            "token"
+        ]
+        async with connect(f"{d.ws_url}?format=json&access_token={viewer}") as js:
+            answer = await ask(js, {"port": port, "data": "T", "id": 1})
+            assert answer == {"error": f"not permitted to write to port {port}", "id": 1}
+        async with connect(f"{d.ws_url}?port={port}&access_token={viewer}") as bare:
+            await bare.send("IGNORED")
+        async with connect(f"{d.ws_url}?port={port}&access_token={tare}") as bare:
+            await bare.send("T")
+            assert await read_exactly(reader, 2) == b"T\n"  # and nothing of IGNORED before it
+        writer.close()
+        assert d.runtime.downlink.stats.rejected["not_permitted"] == 2
+
+
+async def test_downlink_on_without_auth_warns_and_a_stop_flushes_accepted_writes(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    with caplog.at_level(logging.WARNING, logger="relayd.runtime"):
+        async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
+            reader, writer = await device(port)
+            await connected(d, port, 1)
+            async with connect(f"{d.ws_url}?port={port}") as bare:
+                for i in range(100):
+                    await bare.send(f"cmd {i}")
+                await bare.ping()  # every message read by relayd
+                await d.stop()
+            async with asyncio.timeout(5_000 * MS):
+                got = await reader.read()  # until relayd closed the device
+            writer.close()
+    assert got == b"".join(f"cmd {i}\n".encode() for i in range(100))
+    warnings = [r.getMessage() for r in caplog.records if "downlink is on" in r.getMessage()]
+    assert len(warnings) == 1 and f"port {port}" in warnings[0]
+
+
+async def test_admin_send_validation(tmp_path: Path, notify: NotifySocket) -> None:
+    port = free_port()
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d, d.admin() as admin:
+        for body in ({}, {"data": "a", "data_b64": "YQ=="}, {"data_b64": "@@"}, {"data": 5}):
+            answer = await admin.post(f"/v1/ports/{port}/send", json=body)
+            assert answer.status_code == 422, body
+        none = await admin.post(f"/v1/ports/{port}/send", json={"data": "x"})
+        assert none.status_code == 409 and "no device" in none.json()["detail"]
+        async with httpx.AsyncClient() as client:  # not on [http] without the admin token
+            assert (await client.post(f"{d.url}/v1/ports/{port}/send", json={})).status_code == 404
