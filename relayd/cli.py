@@ -23,7 +23,7 @@ from relayd import __version__
 from relayd.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
-    EXIT_USAGE,
+    JsonOption,
     count,
     draining_note,
     escape_message,
@@ -32,18 +32,20 @@ from relayd.cli_output import (
     human_duration,
     key_values,
     labelled,
+    need_command,
     note,
     ports_table,
+    print_json,
     seconds,
     text,
 )
 from relayd.cli_transport import (
     DEFAULT_SOCKET,
-    Target,
     answer_object,
     answer_ports,
     call,
     make_target,
+    target_of,
 )
 from relayd.cli_transport import tail as subscribe
 
@@ -69,24 +71,6 @@ class Framing(StrEnum):
     raw = "raw"
 
 
-def print_json(body: str) -> None:
-    """The API's JSON exactly as it came."""
-    typer.echo(body, nl=not body.endswith("\n"))
-
-
-def target_of(ctx: typer.Context) -> Target:
-    target = ctx.find_object(Target)
-    if target is None:  # pragma: no cover - the root callback always sets it
-        raise RuntimeError("relayctl: no target in the context")
-    return target
-
-
-def _need_command(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
-        typer.echo(ctx.get_help(), err=True)
-        raise typer.Exit(EXIT_USAGE)
-
-
 # --- commands --------------------------------------------------------------------
 
 # Help texts carry their own defaults and ranges (show_default=False, no min/max):
@@ -109,9 +93,6 @@ def _check_positive(value: int | None) -> int | None:
     return value
 
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print the API's JSON unchanged.", show_default=False)
-]
 PortArgument = Annotated[
     int, typer.Argument(metavar="PORT", callback=_check_port, show_default=False, hidden=True)
 ]  # hidden: the "[required]" line; each docstring says what PORT is
@@ -192,13 +173,13 @@ def root(
         if socket_from == "COMMANDLINE":
             url = None  # --socket on the command line beats RELAYCTL_URL
     ctx.obj = make_target(socket, url, token, ctx.obj)
-    _need_command(ctx)
+    need_command(ctx)
 
 
 @ports_app.callback(invoke_without_command=True)
 def ports(ctx: typer.Context) -> None:
     """List, inspect, add and remove listener ports."""
-    _need_command(ctx)
+    need_command(ctx)
 
 
 @app.command()

@@ -87,6 +87,14 @@ class Target:
         )
 
 
+def target_of(ctx: typer.Context) -> Target:
+    """The target the root callback put in the context."""
+    target = ctx.find_object(Target)
+    if target is None:  # pragma: no cover - the root callback always sets it
+        raise RuntimeError("relayctl: no target in the context")
+    return target
+
+
 def make_target(socket: str, url: str | None, token: str | None, obj: object) -> Target:
     """The target the global options name; a bad ``--url`` is a usage error (exit 2).
 
