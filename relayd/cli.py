@@ -39,6 +39,7 @@ from relayd.cli_output import (
     seconds,
     text,
 )
+from relayd.cli_tokens import tokens_app
 from relayd.cli_transport import (
     DEFAULT_SOCKET,
     answer_object,
@@ -51,7 +52,7 @@ from relayd.cli_transport import tail as subscribe
 
 app = typer.Typer(
     name="relayctl",
-    help="Control a running relayd: list, add and remove listener ports, tail messages.",
+    help="Control a running relayd: its listener ports, access tokens and messages.",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -62,6 +63,7 @@ ports_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ports_app, name="ports")
+app.add_typer(tokens_app, name="tokens")
 
 
 class Framing(StrEnum):
@@ -159,7 +161,7 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """Control a running relayd: list, add and remove listener ports, tail messages."""
+    """Control a running relayd: its listener ports, access tokens and messages."""
     if url is not None:
         socket_from = _source(ctx, "socket")
         url_from = _source(ctx, "url")

@@ -14,6 +14,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from relayd.parsing import ports_from_json, ports_text
+
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
@@ -156,6 +158,33 @@ def ports_table(ports: list[dict[str, Any]]) -> str:
         for p in ports
     ]
     return table(PORT_COLUMNS, rows, right={0, 4, 7, 8, 9})
+
+
+# The columns relayctl(1) names under ``tokens list``.
+TOKEN_COLUMNS = ("NAME", "READ", "WRITE", "CREATED", "EXPIRES", "LAST USED")
+
+
+def permission(value: Any) -> str:
+    """A token's ``read`` or ``write`` as relayctl shows it: ``8001,8002``, ``all``, ``-``."""
+    try:
+        return ports_text(ports_from_json(value))
+    except ValueError:  # not what the API promises: show it, escaped
+        return text(value)
+
+
+def tokens_table(tokens: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            text(t.get("name")),
+            permission(t.get("read")),
+            permission(t.get("write")),
+            text(t.get("created")),
+            text(t.get("expires")),
+            text(t.get("last_used")),
+        )
+        for t in tokens
+    ]
+    return table(TOKEN_COLUMNS, rows, right=set())
 
 
 def key_values(pairs: Sequence[tuple[str, str]]) -> str:
