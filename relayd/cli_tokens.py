@@ -9,6 +9,7 @@ is sent: a bad NAME, port list or duration is a usage error (exit 2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -40,7 +41,7 @@ tokens_app = typer.Typer(
 )
 
 
-def _usage(check: Any, value: str) -> None:
+def _usage(check: Callable[[str], object], value: str) -> None:
     """Run a parsing.py check; its ValueError becomes a usage error."""
     try:
         check(value)
