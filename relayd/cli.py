@@ -23,7 +23,7 @@ from relayd import __version__
 from relayd.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
-    EXIT_USAGE,
+    JsonOption,
     count,
     draining_note,
     escape_message,
@@ -32,24 +32,27 @@ from relayd.cli_output import (
     human_duration,
     key_values,
     labelled,
+    need_command,
     note,
     ports_table,
+    print_json,
     seconds,
     text,
 )
+from relayd.cli_tokens import tokens_app
 from relayd.cli_transport import (
     DEFAULT_SOCKET,
-    Target,
     answer_object,
     answer_ports,
     call,
     make_target,
+    target_of,
 )
 from relayd.cli_transport import tail as subscribe
 
 app = typer.Typer(
     name="relayctl",
-    help="Control a running relayd: list, add and remove listener ports, tail messages.",
+    help="Control a running relayd: its listener ports, access tokens and messages.",
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -60,6 +63,7 @@ ports_app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(ports_app, name="ports")
+app.add_typer(tokens_app, name="tokens")
 
 
 class Framing(StrEnum):
@@ -67,24 +71,6 @@ class Framing(StrEnum):
 
     lines = "lines"
     raw = "raw"
-
-
-def print_json(body: str) -> None:
-    """The API's JSON exactly as it came."""
-    typer.echo(body, nl=not body.endswith("\n"))
-
-
-def target_of(ctx: typer.Context) -> Target:
-    target = ctx.find_object(Target)
-    if target is None:  # pragma: no cover - the root callback always sets it
-        raise RuntimeError("relayctl: no target in the context")
-    return target
-
-
-def _need_command(ctx: typer.Context) -> None:
-    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
-        typer.echo(ctx.get_help(), err=True)
-        raise typer.Exit(EXIT_USAGE)
 
 
 # --- commands --------------------------------------------------------------------
@@ -109,9 +95,6 @@ def _check_positive(value: int | None) -> int | None:
     return value
 
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print the API's JSON unchanged.", show_default=False)
-]
 PortArgument = Annotated[
     int, typer.Argument(metavar="PORT", callback=_check_port, show_default=False, hidden=True)
 ]  # hidden: the "[required]" line; each docstring says what PORT is
@@ -178,7 +161,7 @@ def root(
         ),
     ] = False,
 ) -> None:
-    """Control a running relayd: list, add and remove listener ports, tail messages."""
+    """Control a running relayd: its listener ports, access tokens and messages."""
     if url is not None:
         socket_from = _source(ctx, "socket")
         url_from = _source(ctx, "url")
@@ -192,13 +175,13 @@ def root(
         if socket_from == "COMMANDLINE":
             url = None  # --socket on the command line beats RELAYCTL_URL
     ctx.obj = make_target(socket, url, token, ctx.obj)
-    _need_command(ctx)
+    need_command(ctx)
 
 
 @ports_app.callback(invoke_without_command=True)
 def ports(ctx: typer.Context) -> None:
     """List, inspect, add and remove listener ports."""
-    _need_command(ctx)
+    need_command(ctx)
 
 
 @app.command()

@@ -1,22 +1,29 @@
 """relayctl's output: exit codes, one-line errors, tables and human units.
 
-Everything here is pure formatting (plus ``fail``, which prints one line and
-exits); none of it talks to relayd. The exit codes are relayctl(1)'s EXIT
-STATUS: 0 success; 1 relayd refused (its ``detail`` on stderr); 2 usage error;
-69 relayd cannot be reached; 130 interrupted (Ctrl-C).
+Everything here is formatting and printing (``fail`` prints one line and
+exits; ``need_command`` prints a group's help and exits); none of it talks to
+relayd. The exit codes are relayctl(1)'s EXIT STATUS: 0 success; 1 relayd
+refused (its ``detail`` on stderr); 2 usage error; 69 relayd cannot be reached;
+130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
+
+from relayd.parsing import ports_from_json, ports_text
 
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_INTERRUPTED = 130
+
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the API's JSON unchanged.", show_default=False)
+]
 
 
 def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
@@ -28,6 +35,18 @@ def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
 def note(message: str) -> None:
     """Print one ``relayctl: …`` line on stderr and go on: progress, not a failure."""
     typer.echo(f"relayctl: {' '.join(message.split())}", err=True)
+
+
+def need_command(ctx: typer.Context) -> None:
+    """A group called without a command: its help on stderr, and a usage error."""
+    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), err=True)
+        raise typer.Exit(EXIT_USAGE)
+
+
+def print_json(body: str) -> None:
+    """The API's JSON exactly as it came."""
+    typer.echo(body, nl=not body.endswith("\n"))
 
 
 _BYTE_ESCAPES = [
@@ -139,6 +158,33 @@ def ports_table(ports: list[dict[str, Any]]) -> str:
         for p in ports
     ]
     return table(PORT_COLUMNS, rows, right={0, 4, 7, 8, 9})
+
+
+# The columns relayctl(1) names under ``tokens list``.
+TOKEN_COLUMNS = ("NAME", "READ", "WRITE", "CREATED", "EXPIRES", "LAST USED")
+
+
+def permission(value: Any) -> str:
+    """A token's ``read`` or ``write`` as relayctl shows it: ``8001,8002``, ``all``, ``-``."""
+    try:
+        return ports_text(ports_from_json(value))
+    except ValueError:  # not what the API promises: show it, escaped
+        return text(value)
+
+
+def tokens_table(tokens: list[dict[str, Any]]) -> str:
+    rows = [
+        (
+            text(t.get("name")),
+            permission(t.get("read")),
+            permission(t.get("write")),
+            text(t.get("created")),
+            text(t.get("expires")),
+            text(t.get("last_used")),
+        )
+        for t in tokens
+    ]
+    return table(TOKEN_COLUMNS, rows, right=set())
 
 
 def key_values(pairs: Sequence[tuple[str, str]]) -> str:

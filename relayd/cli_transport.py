@@ -87,6 +87,14 @@ class Target:
         )
 
 
+def target_of(ctx: typer.Context) -> Target:
+    """The target the root callback put in the context."""
+    target = ctx.find_object(Target)
+    if target is None:  # pragma: no cover - the root callback always sets it
+        raise RuntimeError("relayctl: no target in the context")
+    return target
+
+
 def make_target(socket: str, url: str | None, token: str | None, obj: object) -> Target:
     """The target the global options name; a bad ``--url`` is a usage error (exit 2).
 
@@ -186,8 +194,15 @@ def call(
         unreachable(target, exc)
     if response.is_error:
         detail = detail_of(response.status_code, response.reason_phrase, response.content)
-        if target.url is not None and response.status_code == 404 and detail == "Not Found":
-            detail += f" ({target.url} does not serve the admin API; is admin.token_file set?)"
+        if response.status_code == 404 and detail == "Not Found":  # no such route
+            if target.url is not None:
+                detail += f" ({target.url} does not serve the admin API; is admin.token_file set?)"
+            else:
+                route = path.split("?", 1)[0]
+                detail += (
+                    f" (relayd does not know {method} {route}:"
+                    f" is it older than relayctl {__version__}?)"
+                )
         fail(detail)
     return response
 
@@ -206,11 +221,16 @@ def answer_object(target: Target, response: httpx.Response) -> dict[str, Any]:
     return value
 
 
-def answer_ports(target: Target, response: httpx.Response) -> list[dict[str, Any]]:
+def answer_list(target: Target, response: httpx.Response, what: str) -> list[dict[str, Any]]:
+    """A JSON list of objects (``what``: "ports", "tokens", for the error)."""
     value = answer(target, response)
     if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
-        fail(f"unexpected answer from relayd at {target.address}: not a list of ports")
+        fail(f"unexpected answer from relayd at {target.address}: not a list of {what}")
     return value
+
+
+def answer_ports(target: Target, response: httpx.Response) -> list[dict[str, Any]]:
+    return answer_list(target, response, "ports")
 
 
 # --- tail: the WebSocket -----------------------------------------------------------

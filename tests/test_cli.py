@@ -33,7 +33,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 import pytest
@@ -46,7 +46,7 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from relayd import __version__, cli, cli_output, cli_transport
+from relayd import __version__, cli, cli_output, cli_transport, parsing
 
 TIMEOUT = 10.0 * float(os.environ.get("RELAYD_TEST_TIMEOUT_SCALE", "1"))
 RELAYCTL = Path(sys.executable).with_name("relayctl")
@@ -77,6 +77,19 @@ def port_object(port: int, **overrides: Any) -> dict[str, Any]:
         "connections": 0,
         "messages_received": 0,
         "bytes_received": 0,
+    }
+    obj.update(overrides)
+    return obj
+
+
+def token_object(name: str, **overrides: Any) -> dict[str, Any]:
+    obj: dict[str, Any] = {
+        "name": name,
+        "read": "*",
+        "write": [],
+        "created": "2026-11-30T09:00:00Z",
+        "expires": None,
+        "last_used": None,
     }
     obj.update(overrides)
     return obj
@@ -117,6 +130,18 @@ class FakeState:
         default_factory=lambda: {"added": [], "removed": [], "changed": [], "failed": []}
     )
     reload_error: str | None = None
+    tokens: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "dash": token_object("dash"),
+            "scales": token_object(
+                "scales",
+                read=[8001, 8002],
+                write=[8001],
+                expires="2026-12-30T09:00:00Z",
+                last_used="2026-12-01T10:11:12Z",
+            ),
+        }
+    )
     seen: list[Seen] = field(default_factory=list)
 
     def answer(
@@ -160,6 +185,15 @@ class FakeState:
             if self.reload_error is not None:
                 return 422, {"detail": self.reload_error}
             return 200, self.reload_result
+        if (method, path) == ("GET", "/v1/tokens"):
+            return 200, [self.tokens[n] for n in sorted(self.tokens)]
+        if (method, path) == ("POST", "/v1/tokens"):
+            return self._add_token(payload)
+        if len(parts) == 3 and parts[:2] == ["v1", "tokens"] and method == "DELETE":
+            name = unquote(parts[2])
+            if name not in self.tokens:
+                return 404, {"detail": f"no token named {name!r}"}
+            return 200, self.tokens.pop(name)
         if len(parts) == 3 and parts[:2] == ["v1", "ports"] and parts[2].isdigit():
             port = int(parts[2])
             if port not in self.ports:
@@ -180,6 +214,29 @@ class FakeState:
             return 409, {"detail": f"port {port}: address already in use"}
         self.ports[port] = port_object(port, **{k: v for k, v in body.items() if k != "port"})
         return 201, self.ports[port]
+
+    def _add_token(self, body: Any) -> tuple[int, Any]:
+        """POST /v1/tokens as relayd(8) has it, checks and all."""
+        if not isinstance(body, dict) or set(body) - {"name", "read", "write", "expires_in"}:
+            return 422, {"detail": "a token needs a name, and only read, write, expires_in"}
+        try:
+            name = parsing.check_token_name(body.get("name"))
+            read = parsing.ports_from_json(body.get("read", "*"))
+            write = parsing.ports_from_json(body.get("write", []))
+        except ValueError as exc:
+            return 422, {"detail": str(exc)}
+        expires_in = body.get("expires_in")
+        if expires_in is not None and not (type(expires_in) is int and expires_in > 0):
+            return 422, {"detail": "expires_in must be a positive number of seconds"}
+        if name in self.tokens:
+            return 409, {"detail": f"a token named {name!r} exists"}
+        self.tokens[name] = token_object(
+            name,
+            read=parsing.ports_to_json(read),
+            write=parsing.ports_to_json(write),
+            expires=None if expires_in is None else f"in {expires_in}s",
+        )
+        return 201, self.tokens[name] | {"token": f"rlyd_{name}-{len(self.tokens)}"}
 
 
 def mock(state: FakeState, *, via_tcp: bool = False) -> httpx.MockTransport:
@@ -566,7 +623,8 @@ def test_version() -> None:
 
 
 HELP_LEVELS = ["", "status", "reload", "tail", "ports", "ports list", "ports show"]
-HELP_LEVELS += ["ports add", "ports remove"]
+HELP_LEVELS += ["ports add", "ports remove", "tokens", "tokens list", "tokens add"]
+HELP_LEVELS += ["tokens remove"]
 
 
 @pytest.mark.parametrize("command", HELP_LEVELS)
@@ -579,7 +637,7 @@ def test_help_on_every_level(command: str, flag: str) -> None:
     assert state.seen == []
 
 
-@pytest.mark.parametrize("args", [[], ["--socket", "/s"], ["ports"]])
+@pytest.mark.parametrize("args", [[], ["--socket", "/s"], ["ports"], ["tokens"]])
 def test_no_command_is_a_usage_error_with_the_help(args: list[str]) -> None:
     state = FakeState()
     result = invoke(args, mock(state))

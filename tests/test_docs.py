@@ -4,7 +4,10 @@ against the defaults, and the man pages lint clean."""
 
 from __future__ import annotations
 
+import inspect
+import json
 import re
+import shlex
 import shutil
 import subprocess
 import tomllib
@@ -95,12 +98,12 @@ def man_commands() -> dict[str, set[str]]:
     return commands
 
 
-def man_columns() -> list[str]:
-    """The column names relayctl(1) lists under ``ports list``."""
+def man_columns(command: str = "ports list") -> list[str]:
+    """The column names relayctl(1) lists under ``command`` (``.It Li "LAST USED"``)."""
     for header, body in items(section(RELAYCTL_1, "COMMANDS")):
-        if after(header, "Cm")[:1] == [["ports", "list"]]:
-            return [line.split()[2] for line in body if line.startswith(".It Li ")]
-    raise AssertionError("relayctl(1) has no ports list entry")
+        if after(header, "Cm")[:1] == [command.split()]:
+            return [shlex.split(line)[2] for line in body if line.startswith(".It Li ")]
+    raise AssertionError(f"relayctl(1) has no {command} entry")
 
 
 def exit_codes(page: str) -> set[int]:
@@ -191,6 +194,38 @@ def test_ports_list_prints_the_columns_the_man_page_names() -> None:
     # status ends with the same table (relayctl(1), status).
     status = CliRunner().invoke(cli.app, ["status"], obj=httpx.MockTransport(_fake))
     assert status.output.splitlines()[-2:] == [header, row]
+
+
+def test_tokens_list_prints_the_columns_the_man_page_names() -> None:
+    columns = man_columns("tokens list")
+    assert columns == list(cli_output.TOKEN_COLUMNS)
+    token = {"name": "dash", "read": "*", "write": [8001], "created": "2026-11-30T09:00:00Z"}
+    answer = httpx.MockTransport(lambda request: httpx.Response(200, json=[token]))
+    listed = CliRunner().invoke(cli.app, ["tokens", "list"], obj=answer)
+    header, row = listed.output.splitlines()
+    assert header.split() == [word for column in columns for word in column.split()]
+    starts = [header.index(column) for column in columns]
+    cells = [row[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+    assert cells == ["dash", "all", "8001", "2026-11-30T09:00:00Z", "-", "-"]
+
+
+def test_the_token_example_of_the_man_page_is_what_tokens_add_prints() -> None:
+    example = "TOKEN=$(relayctl tokens add dashboard --read all)"
+    assert example in section(RELAYCTL_1, "TOKENS")
+    assert example in section(RELAYCTL_1, "EXAMPLES")
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(201, json={"name": "dashboard", "read": "*", "token": "rlyd_x"})
+
+    argv = shlex.split(example.removeprefix("TOKEN=$(").removesuffix(")"))[1:]
+    kwargs: dict[str, Any] = {}
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        kwargs["mix_stderr"] = False  # click 8.1 (typer 0.15); later ones keep them apart
+    added = CliRunner(**kwargs).invoke(cli.app, argv, obj=httpx.MockTransport(handle))
+    assert (added.exit_code, added.stdout) == (0, "rlyd_x\n")
+    assert [json.loads(r.content) for r in seen] == [{"name": "dashboard", "read": "*"}]
 
 
 def test_exit_codes_in_the_man_pages_and_the_readme() -> None:
