@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from relayd import __version__
 from relayd.config import Host, PortNumber, PortSettings, format_loc
@@ -24,8 +24,11 @@ from relayd.errors import (
     ListenerNotFound,
     RelaydError,
     Stopping,
+    TokenExists,
+    TokenNotFound,
 )
 from relayd.listeners import Listener
+from relayd.parsing import ALL, MAX_DURATION, ports_from_json
 from relayd.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,33 @@ class PortOut(PortSettings):
     connections: int
     messages_received: int
     bytes_received: int
+
+
+PortList = list[PortNumber] | Literal["*"]
+
+
+class TokenIn(BaseModel):
+    """A token to create; it is shown once, in the answer (relayd(8), ACCESS CONTROL)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")]
+    read: PortList = ALL
+    write: PortList = []
+    expires_in: Annotated[float, Field(gt=0, le=MAX_DURATION)] | None = None
+
+
+class TokenOut(BaseModel):
+    name: str
+    read: list[int] | Literal["*"]
+    write: list[int] | Literal["*"]
+    created: str = Field(examples=["2026-12-02T10:00:00Z"])
+    expires: str | None
+    last_used: str | None
+
+
+class NewTokenOut(TokenOut):
+    token: str = Field(examples=["rlyd_..."], description="the secret: shown this once")
 
 
 class FailedPort(BaseModel):
@@ -103,8 +133,8 @@ def one_sentence(errors: list[Any]) -> str:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    404: {"model": ErrorOut, "description": "No listener on that port"},
-    409: {"model": ErrorOut, "description": "Already a listener, or the bind failed"},
+    404: {"model": ErrorOut, "description": "No such port or token"},
+    409: {"model": ErrorOut, "description": "Already a listener or a token, or the bind failed"},
     413: {"model": ErrorOut, "description": f"The body is larger than {MAX_BODY} bytes"},
     415: {"model": ErrorOut, "description": "The body is not JSON"},
     422: {"model": ErrorOut, "description": "Invalid body or port"},
@@ -152,6 +182,26 @@ def create_router(runtime: Runtime) -> APIRouter:
         listener = await runtime.remove_port(port, force=force)
         return port_out(listener)
 
+    @router.get("/tokens", response_model=list[TokenOut])
+    async def list_tokens() -> list[dict[str, Any]]:
+        return [record.api() for record in runtime.tokens.list()]
+
+    @router.post(
+        "/tokens",
+        response_model=NewTokenOut,
+        status_code=201,
+        responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500)},
+    )
+    async def add_token(body: TokenIn) -> dict[str, Any]:
+        record, secret = runtime.add_token(
+            body.name, ports_from_json(body.read), ports_from_json(body.write), body.expires_in
+        )
+        return {**record.api(), "token": secret}
+
+    @router.delete("/tokens/{name}", response_model=TokenOut, responses={404: ERRORS[404]})
+    async def remove_token(name: str) -> dict[str, Any]:
+        return runtime.remove_token(name).api()
+
     @router.post("/reload", response_model=ReloadOut, responses={k: ERRORS[k] for k in (422, 503)})
     async def reload() -> ReloadOut:
         report = await runtime.reload()
@@ -170,9 +220,9 @@ def install(app: FastAPI, runtime: Runtime) -> None:
 
     @app.exception_handler(RelaydError)
     async def relayd_error(request: Request, exc: RelaydError) -> JSONResponse:
-        if isinstance(exc, ListenerNotFound):
+        if isinstance(exc, ListenerNotFound | TokenNotFound):
             return _error(404, str(exc))
-        if isinstance(exc, ListenerExists | BindError):
+        if isinstance(exc, ListenerExists | BindError | TokenExists):
             return _error(409, str(exc))
         if isinstance(exc, ConfigError):
             return _error(422, "the configuration is invalid: " + "; ".join(exc.problems))

@@ -6,13 +6,16 @@ import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from relayd import __version__, api, metrics, statuspage
+from relayd.auth import AuthFailure, Grant
+from relayd.listeners import format_peer
 from relayd.runtime import Runtime
+from relayd.ws import refusal
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
 
@@ -147,6 +150,25 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
     )
     registry = metrics.make_registry(runtime)
 
+    def authorize(request: Request, *, token_required: bool | None = None) -> Grant:
+        """The request's grant (relayd(8), ACCESS CONTROL), or HTTPException 401/403."""
+        scope = request.scope
+        client = scope.get("client")
+        result = runtime.access.check(
+            headers=scope["headers"],
+            query=scope.get("query_string", b""),
+            scheme=scope.get("scheme", "http"),
+            admin=on_admin_socket(scope),
+            peer=format_peer(tuple(client)) if client else "?",
+            token_required=token_required,
+        )
+        if isinstance(result, AuthFailure):
+            refused = refusal(result)
+            raise HTTPException(refused.status, refused.reason, headers=dict(refused.headers))
+        return result
+
+    app.state.authorize = authorize  # statuspage.visible_ports: same rules as /ws
+
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -158,6 +180,8 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
 
     @app.get("/metrics", include_in_schema=False)
     async def get_metrics(request: Request) -> Response:
+        auth = runtime.settings.auth
+        authorize(request, token_required=auth.mode == "token" and auth.metrics == "token")
         return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
 
     @app.get("/ws", include_in_schema=False)

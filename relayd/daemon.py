@@ -144,6 +144,7 @@ async def serve(
     runtime = Runtime(settings, load_settings=load_settings, state=state, notifier=notifier)
     try:
         runtime.load_tls()
+        runtime.load_auth()
     except ConfigError as exc:
         notifier.close()
         for problem in exc.problems:

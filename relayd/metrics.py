@@ -66,6 +66,14 @@ class RelayCollector(Collector):
         for reason, count in runtime.http_rejected.items():
             http_rejected.add_metric([reason], count)
         yield http_rejected
+        auth = CounterMetricFamily(
+            "relayd_auth_failures",
+            "Requests refused by access control, by reason",
+            labels=["reason"],
+        )
+        for failure, count in runtime.access.failures.counts.items():
+            auth.add_metric([failure], count)
+        yield auth
         yield CounterMetricFamily(
             "relayd_ws_clients_rejected",
             "WebSocket handshakes refused over relay.max_clients",

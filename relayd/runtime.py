@@ -18,16 +18,20 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from relayd import __version__, tls
+from relayd.access import Access, load_jwt
 from relayd.config import PortSettings, Settings
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
 from relayd.listeners import Listener, ListenerRegistry, Origin, bind
+from relayd.parsing import Ports
 from relayd.state import PortState
 from relayd.systemd import Notifier
+from relayd.tokens import TokenRecord, TokenStore
 
 logger = logging.getLogger(__name__)
 
 STATUS_DEBOUNCE = 0.25  # seconds: coalesce STATUS= updates during connection bursts
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 Phase = Literal["starting", "ready", "draining"]
 
@@ -99,6 +103,8 @@ class Runtime:
             handshake_timeout=lambda: self.settings.http.handshake_timeout,
             tls_failures=self.tls_failures,
         )
+        self.tokens = TokenStore(state.path.parent)
+        self.access = Access(lambda: self.settings, self.tokens)
         self.lock = asyncio.Lock()  # serializes port changes, reloads and the drain
         self.phase: Phase = "starting"
         self.started_at = time.monotonic()
@@ -106,7 +112,31 @@ class Runtime:
         self._prebound: list[tuple[PortSettings, Origin, socket.socket]] = []
         self._status_handle: asyncio.TimerHandle | None = None
 
-    # TLS
+    # Access control and TLS
+
+    def load_auth(self) -> None:
+        """Tokens (a bad file fails closed, logged) and the JWT key (ConfigError when unusable)."""
+        self.tokens.load()
+        self.access.set_jwt(load_jwt(self.settings))
+        if self.settings.auth.mode == "none" and self.settings.http.host not in LOOPBACK:
+            logger.warning(
+                '[auth] mode is "none" and [http] listens on %s: anyone who reaches it '
+                "may subscribe to every port (relayd.toml(5), [auth])",
+                self.settings.http.host,
+            )
+
+    def add_token(
+        self, name: str, read: Ports, write: Ports, expires_in: float | None
+    ) -> tuple[TokenRecord, str]:
+        return self.tokens.add(name, read, write, expires_in)
+
+    def remove_token(self, name: str) -> TokenRecord:
+        """Remove a token and close every connection that used it (1008 "token revoked")."""
+        record = self.tokens.remove(name)
+        closed = self.access.revoke(record.token_id)
+        if closed:
+            logger.info("token %s: closed %d connection(s)", name, closed)
+        return record
 
     def load_tls(self) -> None:
         """Read every certificate and key the daemon starts with; ConfigError names the file."""
@@ -195,6 +225,7 @@ class Runtime:
         async with self.lock:
             await self.registry.drain_all(timeout, close_grace=close_grace)
         await self.hub.close(budget.left(reserve=StopBudget.HTTP_RESERVE))
+        self.tokens.flush()  # when each token was last used
         logger.info("stopped relaying")
 
     # Status
@@ -297,11 +328,13 @@ class Runtime:
                     effective = new.model_copy(update={"http": self.settings.http})
                     ports = [p for p, _ in self.state.apply(new.ports).values()]
                     http_tls, contexts = self._tls_contexts(effective, ports)
+                    jwt = load_jwt(new)
                 except ConfigError as exc:
                     for problem in exc.problems:
                         logger.error("reload rejected: %s", problem)
                     raise
                 self.http_tls = http_tls
+                self.access.set_jwt(jwt)
                 self.port_tls.clear()
                 self.port_tls.update(contexts)
                 report = await self._reconcile(new)

@@ -211,6 +211,7 @@ async def _start(
     # uvicorn leaves SIGHUP alone; its default action would kill the daemon.
     loop.add_signal_handler(signal.SIGHUP, lambda: tasks.spawn(_reload(runtime)))
     tasks.spawn(runtime.notifier.run_watchdog())
+    tasks.spawn(runtime.access.run_expiry())
     runtime.set_ready()
     settings = runtime.settings
     logger.info(

@@ -14,6 +14,7 @@ from importlib.resources import files
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
+from relayd.parsing import ALL
 from relayd.runtime import Runtime
 
 STATIC_FILES = {
@@ -54,11 +55,13 @@ PAGE_HEADERS = {
 def visible_ports(request: Request) -> set[int] | None:
     """The ports this request may see: None for all of them.
 
-    Raise ``HTTPException(401)`` (with ``WWW-Authenticate: Bearer``) to refuse.
+    The same rules as ``/ws`` (relayd(8), ACCESS CONTROL): a missing, invalid,
+    expired or revoked token is ``HTTPException(401)`` (the page then asks for a
+    token), a refused Origin 403; else the ports the token may read.
     """
-    # TODO(auth): same auth and port visibility as /ws: a missing, invalid, expired or
-    # revoked token -> 401 (the page then asks for a token); else the ports it may read.
-    return None
+    grant = request.app.state.authorize(request)
+    readable = grant.all_readable
+    return None if readable == ALL else set(readable)
 
 
 def load_static() -> dict[str, bytes]:

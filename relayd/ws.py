@@ -11,10 +11,11 @@ WebSocket close code and reason (relayd(8), WEBSOCKET CLIENTS).
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+from collections.abc import Container, Iterable
 from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
+from relayd.auth import AuthFailure, Grant
 from relayd.config import RelaySettings
 from relayd.hub import (
     CLOSE_GOING_AWAY,
@@ -25,6 +26,7 @@ from relayd.hub import (
     Sink,
     Subscription,
 )
+from relayd.parsing import ALL
 from relayd.runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,7 @@ class Subscribed:
     """Complete the handshake: the hub writes to the connection from now on."""
 
     subscription: Subscription
+    grant: Grant
     description: str  # for the one log line on open: "ports 8001,8002 (json)"
 
 
@@ -47,6 +50,22 @@ class Refused:
 
     status: int
     reason: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+REFUSALS = {
+    "missing": "a token is required (Authorization: Bearer, or ?access_token=)",
+    "invalid": "the token is not valid",
+    "expired": "the token has expired",
+    "revoked": "the token has been revoked",
+    "forbidden_port": "the token may not read a requested port",
+    "origin": "this origin is not allowed (http.allowed_origins)",
+}
+
+
+def refusal(failure: AuthFailure) -> Refused:
+    headers = (("WWW-Authenticate", "Bearer"),) if failure.status == 401 else ()
+    return Refused(failure.status, REFUSALS[failure.reason], headers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,19 +116,53 @@ class WsEndpoint:
         """The current ``[relay]`` section: a reload applies to new connections."""
         return self.runtime.settings.relay
 
-    def open(self, query: str, sink: Sink) -> Decision:
+    def open(
+        self,
+        query: str,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        scheme: str,
+        admin: bool,
+        peer: str,
+        sink: Sink,
+    ) -> Decision:
+        """Decide one handshake: Origin, token and ports first (relayd(8), ACCESS CONTROL)."""
         runtime = self.runtime
+        requested = _requested_ports(query)
+        grant = runtime.access.check(
+            headers=headers, query=query, scheme=scheme, admin=admin, peer=peer,
+            requested=requested,
+        )  # fmt: skip
+        if isinstance(grant, AuthFailure):
+            return refusal(grant)
         parsed = parse_query(query, runtime.registry)
         if isinstance(parsed, Closed):
             return parsed
+        ports = parsed.ports
+        if ports is None and grant.all_readable != ALL:
+            ports = sorted(grant.all_readable)  # no ?port=: what the token may read
         try:
-            subscription = runtime.hub.subscribe(sink, parsed.ports, parsed.json)
+            subscription = runtime.hub.subscribe(sink, ports, parsed.json)
         except HubFull:
             return Closed(CLOSE_TRY_AGAIN_LATER, "too many clients")
         except HubClosed:
             return Closed(CLOSE_GOING_AWAY, "relayd is stopping")
-        where = "all ports" if parsed.ports is None else "ports " + ",".join(map(str, parsed.ports))
-        return Subscribed(subscription, where + (" (json)" if parsed.json else ""))
+        runtime.access.track(subscription, grant)
+        where = "all ports" if ports is None else "ports " + ",".join(map(str, ports))
+        if grant.kind not in ("anonymous", "admin"):
+            where += f" with token {grant.name}"
+        return Subscribed(subscription, grant, where + (" (json)" if parsed.json else ""))
 
-    def closed(self, subscription: Subscription) -> None:
+    def closed(self, subscription: Subscription, grant: Grant) -> None:
+        self.runtime.access.untrack(subscription, grant)
         self.runtime.hub.unsubscribe(subscription)
+
+
+def _requested_ports(query: str) -> list[int]:
+    """The numeric ``?port=`` values, for the permission check (parse_query judges the rest)."""
+    ports = []
+    for part in query.split("&")[:MAX_QUERY_FIELDS]:
+        key, _, value = part.partition("=")
+        if key == "port" and value.isascii() and value.isdigit() and len(value) <= 5:
+            ports.append(int(value))
+    return ports

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from uvicorn.config import Config
     from uvicorn.server import ServerState
 
+    from relayd.auth import Grant
     from relayd.hub import Subscription
 
 logger = logging.getLogger("relayd.ws")
@@ -64,6 +65,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         "deflate",
         "disconnected",
         "endpoint",
+        "grant",
         "loop",
         "paused",
         "peer",
@@ -96,6 +98,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
         self.peer = "?"
         self.subscription: Subscription | None = None
+        self.grant: Grant | None = None
         self.close_sent = False
         self.disconnected = False
         self.deflate = False
@@ -135,9 +138,9 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.disconnected = True
         self._cancel_timer()
         subscription, self.subscription = self.subscription, None
-        if subscription is None:
+        if subscription is None or self.grant is None:
             return  # never subscribed: refused, or not a /ws request
-        self.endpoint.closed(subscription)
+        self.endpoint.closed(subscription, self.grant)
         dropped = subscription.dropped
         extra = f", {dropped} message(s) dropped" if dropped else ""
         logger.info("websocket client %s %s%s", self.peer, self._how_closed(), extra)
@@ -203,7 +206,18 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         if unquote(raw_path) != PATH:
             self._refuse(Refused(404, "Not Found"))
             return
-        decision = self.endpoint.open(query, self)
+        sock = self.transport.get_extra_info("socket")
+        decision = self.endpoint.open(
+            query,
+            [
+                (name.lower().encode("latin-1"), value.encode("latin-1", "surrogateescape"))
+                for name, value in request.headers.raw_items()
+            ],
+            scheme="wss" if self.transport.get_extra_info("sslcontext") is not None else "ws",
+            admin=sock is not None and sock.family == socket.AF_UNIX,
+            peer=self.peer,
+            sink=self,
+        )
         if isinstance(decision, Refused):
             self._refuse(decision)
             return
@@ -220,13 +234,17 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             return
         assert isinstance(decision, Subscribed)
         self.subscription = decision.subscription
+        self.grant = decision.grant
         if self.paused:
             self.subscription.pause()
         self._schedule_ping()
         logger.info("websocket client %s subscribed to %s", self.peer, decision.description)
 
     def _refuse(self, refusal: Refused) -> None:
-        self.conn.send_response(self.conn.reject(refusal.status, refusal.reason + "\n"))
+        response = self.conn.reject(refusal.status, refusal.reason + "\n")
+        for name, value in refusal.headers:
+            response.headers[name] = value
+        self.conn.send_response(response)
         self._write_pending()
         self.transport.close()
 
