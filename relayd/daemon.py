@@ -150,6 +150,7 @@ async def serve(
         for problem in exc.problems:
             logger.error("%s", problem)
         return EXIT_CONFIG
+    runtime.access.admin_token = admin_token.encode() if admin_token else None
     if on_runtime is not None:
         on_runtime(runtime)
 

@@ -151,9 +151,9 @@ async def test_an_expiring_token_closes_its_connection(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
     async with run_daemon(tmp_path, notify, extra=TOKEN_MODE) as d, d.admin() as admin:
-        token = await add_token(admin, "visitor", expires_in=1)
+        token = await add_token(admin, "visitor", expires_in=2)
         async with connect(f"{d.ws_url}?access_token={token}") as ws:
-            assert await closed(ws, 3_000) == (1008, "token expired")
+            assert await closed(ws, 6_000) == (1008, "token expired")
         status, body = await refused_with(f"{d.ws_url}?access_token={token}")
         assert status == 401 and "expired" in body
 
@@ -270,3 +270,12 @@ def test_an_unusable_jwt_key_fails_the_start_with_78(tmp_path: Path) -> None:
     )
     assert result.returncode == 78, result.stderr
     assert "auth.jwt_key_file" in result.stderr and "Traceback" not in result.stderr
+
+
+async def test_the_admin_token_is_good_on_ws_too(tmp_path: Path, notify: NotifySocket) -> None:
+    """relayctl --url --token tails /ws with the admin token (admin.token_file)."""
+    async with run_daemon(tmp_path, notify, extra=TOKEN_MODE, admin_token="adm1n-s3cret") as d:
+        async with connect(d.ws_url, additional_headers={"Authorization": "Bearer adm1n-s3cret"}):
+            pass
+        status, _ = await refused_with(f"{d.ws_url}?access_token=adm1n-wrong")
+        assert status == 401

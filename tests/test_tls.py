@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidMessage
 
 from relayd.config import Settings
 from relayd.runtime import Runtime
@@ -262,3 +263,21 @@ def test_tls_contexts_follow_the_files(tmp_path: Path, pki: dict[str, object]) -
     )
     http, ports = Runtime._tls_contexts(settings, settings.ports)
     assert http is not None and set(ports) == {8001}
+
+
+async def test_client_certificates_on_http(
+    tmp_path: Path, notify: NotifySocket, pki: dict[str, object]
+) -> None:
+    ca, server, device, stranger = pki["ca"], pki["server"], pki["device"], pki["stranger"]
+    assert isinstance(ca, Authority) and isinstance(server, Pair)
+    assert isinstance(device, Pair) and isinstance(stranger, Pair)
+    http_extra = tls_http(server) + f'tls_client_ca = "{ca.cert}"\n'
+    async with run_daemon(tmp_path, notify, http_extra=http_extra) as d:
+        wss = f"wss://127.0.0.1:{d.http_port}/ws"
+        async with connect(wss, ssl=ca.client_context(device)) as ws:
+            await ws.ping()
+        for context in (ca.client_context(), ca.client_context(stranger)):
+            with pytest.raises((ssl.SSLError, ConnectionError, EOFError, InvalidMessage)):
+                async with connect(wss, ssl=context):
+                    pass
+        await wait_until(lambda: d.runtime.http_rejected["tls"] == 2)
