@@ -3,10 +3,21 @@
 Runs in the container's network namespace (``nsenter -t PID -n``) with any
 Python that has the ``websockets`` library (the repository's .venv).
 
+    probe.py [--bearer TOKEN] COMMAND ARGS...
+
+    --bearer TOKEN                        send "Authorization: Bearer TOKEN"
+                                          with the HTTP and WebSocket requests
     probe.py accept HOST:PORT...          every port accepts a TCP connection
     probe.py http URL [STATUS]            GET URL answers STATUS (default 200)
+    probe.py body URL                     GET URL answers 200; print all of it
+    probe.py refused WS_URL STATUS        the WebSocket handshake is refused
+                                          with HTTP STATUS, before the upgrade
     probe.py relay WS_URL HOST:PORT TEXT  a line sent by a device reaches a
                                           WebSocket client subscribed first
+    probe.py closed WS_URL CODE REASON    subscribe, print READY, then expect
+                                          the daemon to close the WebSocket
+                                          with CODE and REASON; print the
+                                          wall-clock time it did (CLOSED_AT=)
     probe.py drain WS_URL HOST:PORT       subscribe, connect a device, relay a
                                           line, send a partial line, print
                                           READY; then (while the daemon is
@@ -25,10 +36,15 @@ import time
 import urllib.error
 import urllib.request
 
-from websockets.asyncio.client import connect  # websockets >= 13
-from websockets.exceptions import ConnectionClosed
+from websockets.asyncio.client import ClientConnection, connect  # websockets >= 13
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TIMEOUT = 15.0
+Headers = dict[str, str]  # --bearer: the Authorization header of every request
+
+
+def ws_connect(url: str, headers: Headers) -> connect:
+    return connect(url, additional_headers=headers, proxy=None, open_timeout=TIMEOUT)
 
 
 def hostport(text: str) -> tuple[str, int]:
@@ -46,19 +62,48 @@ async def accept(targets: list[str]) -> str:
     return "accepted on " + " ".join(targets)
 
 
-def http(url: str, status: int) -> str:
+def get(url: str, status: int, headers: Headers) -> bytes:
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5) as answer:
             got, body = answer.status, answer.read()
     except urllib.error.HTTPError as error:
         got, body = error.code, error.read()
     if got != status:
         raise AssertionError(f"GET {url}: {got}, expected {status}: {body[:200]!r}")
-    return f"GET {url}: {got} {body[:200].decode(errors='replace')}"
+    return bytes(body)
 
 
-async def relay(ws_url: str, device: str, text: str) -> str:
-    async with asyncio.timeout(TIMEOUT), connect(ws_url) as ws:
+def http(url: str, status: int, headers: Headers) -> str:
+    body = get(url, status, headers)
+    return f"GET {url}: {status} {body[:200].decode(errors='replace')}"
+
+
+def shown(url: str) -> str:
+    """The URL without the secret, for the output."""
+    if "access_token=" not in url:
+        return url
+    head, _, tail = url.partition("access_token=")
+    return head + "access_token=***" + ("&" + tail.split("&", 1)[1] if "&" in tail else "")
+
+
+async def refused(ws_url: str, status: int, headers: Headers) -> str:
+    try:
+        async with asyncio.timeout(TIMEOUT), ws_connect(ws_url, headers) as ws:
+            await ws.close()
+    except InvalidStatus as error:
+        got = error.response.status_code
+        body = error.response.body or b""
+        if got != status:
+            raise AssertionError(
+                f"{shown(ws_url)}: refused with {got}, expected {status}: {body[:200]!r}"
+            ) from None
+        return f"{shown(ws_url)}: refused with {got} {body[:200].decode(errors='replace').strip()}"
+    raise AssertionError(f"{shown(ws_url)}: upgraded, expected a refusal with {status}")
+
+
+async def relay(ws_url: str, device: str, text: str, headers: Headers) -> str:
+    async with asyncio.timeout(TIMEOUT), ws_connect(ws_url, headers) as ws:
         host, port = hostport(device)
         _, writer = await asyncio.open_connection(host, port)
         writer.write(text.encode() + b"\r\n")
@@ -68,11 +113,31 @@ async def relay(ws_url: str, device: str, text: str) -> str:
         await writer.wait_closed()
     if got != text:
         raise AssertionError(f"WebSocket got {got!r}, expected {text!r}")
-    return f"device -> {device} -> {ws_url}: {got!r}"
+    via = " (Authorization: Bearer)" if headers else ""
+    return f"device -> {device} -> {shown(ws_url)}{via}: {got!r}"
 
 
-async def drain(ws_url: str, device: str) -> str:
-    async with connect(ws_url) as ws:
+async def closed(ws_url: str, code: int, reason: str, headers: Headers) -> str:
+    ws: ClientConnection
+    async with ws_connect(ws_url, headers) as ws:
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        messages: list[str | bytes] = []
+        async with asyncio.timeout(30):
+            try:
+                while True:
+                    messages.append(await ws.recv())
+            except ConnectionClosed:
+                pass
+        closed_at = time.time()
+    got = (ws.close_code, ws.close_reason)
+    if got != (code, reason):
+        raise AssertionError(f"WebSocket closed with {got!r}, expected {(code, reason)!r}")
+    return f"CLOSED_AT={closed_at:.3f} closed with {code} {reason!r}"
+
+
+async def drain(ws_url: str, device: str, headers: Headers) -> str:
+    async with ws_connect(ws_url, headers) as ws:
         host, port = hostport(device)
         reader, writer = await asyncio.open_connection(host, port)
         writer.write(b"before-stop\n")
@@ -115,16 +180,26 @@ async def drain(ws_url: str, device: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    headers: Headers = {}
+    if argv[:1] == ["--bearer"]:
+        headers["Authorization"] = f"Bearer {argv[1]}"
+        argv = argv[2:]
     command, args = argv[0], argv[1:]
     try:
         if command == "accept":
             result = asyncio.run(accept(args))
         elif command == "http":
-            result = http(args[0], int(args[1]) if len(args) > 1 else 200)
+            result = http(args[0], int(args[1]) if len(args) > 1 else 200, headers)
+        elif command == "body":
+            result = get(args[0], 200, headers).decode(errors="replace").rstrip("\n")
+        elif command == "refused":
+            result = asyncio.run(refused(args[0], int(args[1]), headers))
+        elif command == "closed":
+            result = asyncio.run(closed(args[0], int(args[1]), args[2], headers))
         elif command == "relay":
-            result = asyncio.run(relay(args[0], args[1], args[2]))
+            result = asyncio.run(relay(args[0], args[1], args[2], headers))
         elif command == "drain":
-            result = asyncio.run(drain(args[0], args[1]))
+            result = asyncio.run(drain(args[0], args[1], headers))
         else:
             sys.stderr.write(f"probe: unknown command {command}\n")
             return 2

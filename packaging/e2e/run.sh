@@ -85,8 +85,9 @@ else
 fi
 
 passed=0 failed=0 failures=()
-# check NAME CMD...: run a check, print its output indented, count it.
-check() {
+# run_check NAME CMD...: run a check, print its output indented, count it;
+# its status is the check's.
+run_check() {
 	local name=$1 out rc t0=$SECONDS
 	shift
 	set +e
@@ -104,8 +105,11 @@ check() {
 	fi
 	return "$rc"
 }
+# check NAME CMD...: a check; a failure is counted and the run goes on
+# (under set -e a failing status here would end the run at the first one).
+check() { run_check "$@" || true; }
 # require NAME CMD...: a check the later ones cannot do without.
-require() { check "$@" || { summary; exit 1; }; }
+require() { run_check "$@" || { summary; exit 1; }; }
 summary() {
 	log "relayd $version on Debian 13: ${#failures[@]} failed: ${failures[*]:-none}"
 	log "total $((SECONDS - started)) s"
@@ -161,7 +165,8 @@ install_deb() {
 	in_ct_hostnet apt-get -o Acquire::Retries=3 update -qq
 	in_ct_hostnet apt-get -o Acquire::Retries=3 install -y -q "/mnt/deb/$(basename "$deb")" | grep -E '^(Setting up|Unpacking) ' | tail -n 5
 	in_ct dpkg-query -W python3-fastapi python3-starlette python3-uvicorn python3-typer \
-		python3-sdnotify python3-pydantic python3-websockets python3-httpx python3-prometheus-client
+		python3-sdnotify python3-pydantic python3-websockets python3-httpx python3-prometheus-client \
+		python3-jwt python3-cryptography python3-h11
 }
 
 is_active() {
@@ -196,9 +201,8 @@ admin_socket_mode() {
 
 default_listeners() {
 	probe accept 127.0.0.1:8000 127.0.0.1:8001 127.0.0.1:8002 127.0.0.1:8003
-	probe http http://127.0.0.1:8000/healthz
+	probe http http://127.0.0.1:8000/healthz # open even in [auth] mode "token"
 	probe http http://127.0.0.1:8000/readyz
-	probe http http://127.0.0.1:8000/metrics | cut -c1-100
 	probe http http://127.0.0.1:8000/static/status.js | cut -c1-100  # package data in the .deb
 }
 
@@ -221,13 +225,96 @@ conffile() {
 
 relayctl_status() { in_ct relayctl status; }
 
+# --- access control: the packaged config has [auth] mode = "token" ----------
+
+# token: the token `tokens_add` created (checks run in subshells: it is kept in a file).
+token() { cat "$work/token"; }
+
+anonymous_refused() {
+	in_ct grep -E '^mode = "token"' /etc/relayd/relayd.toml ||
+		{ echo "the packaged config does not set [auth] mode = \"token\""; return 1; }
+	probe refused 'ws://127.0.0.1:8000/ws' 401
+	probe refused 'ws://127.0.0.1:8000/ws?port=8001' 401
+	probe refused 'ws://127.0.0.1:8000/ws?access_token=rlyd_not-a-token' 401
+	probe --bearer rlyd_not-a-token refused 'ws://127.0.0.1:8000/ws' 401
+	probe http http://127.0.0.1:8000/metrics 401
+	probe http http://127.0.0.1:8000/status.json 401
+}
+
+tokens_add() {
+	local t
+	t=$(in_ct relayctl tokens add e2e --read all)
+	[[ $t =~ ^rlyd_[A-Za-z0-9_-]{40,}$ ]] || { echo "relayctl tokens add printed '${t:0:12}...', not one token"; return 1; }
+	printf '%s' "$t" >"$work/token"
+	echo "relayctl tokens add e2e --read all: rlyd_*** (${#t} characters)"
+	in_ct relayctl tokens list
+	in_ct stat -c '%n: %a %U %G' /var/lib/relayd/tokens.json
+	[ "$(in_ct stat -c '%a %U' /var/lib/relayd/tokens.json)" = "600 relayd" ] &&
+		! in_ct grep -qF "$t" /var/lib/relayd/tokens.json # only its hash is stored
+}
+
+token_works() {
+	local t
+	t=$(token)
+	probe relay "ws://127.0.0.1:8000/ws?port=8001&access_token=$t" 127.0.0.1:8001 "token in the query"
+	probe --bearer "$t" relay 'ws://127.0.0.1:8000/ws?port=8002' 127.0.0.1:8002 "token as a Bearer header"
+	probe --bearer "$t" http http://127.0.0.1:8000/metrics | cut -c1-100
+	probe --bearer "$t" http http://127.0.0.1:8000/status.json | cut -c1-100
+}
+
+token_port_limits() {
+	# A token for port 8001 alone: 8001 works, 8002 is 403 before the upgrade.
+	local t
+	t=$(in_ct relayctl tokens add e2e-8001 --read 8001)
+	probe --bearer "$t" relay 'ws://127.0.0.1:8000/ws?port=8001' 127.0.0.1:8001 "port 8001 allowed"
+	probe --bearer "$t" refused 'ws://127.0.0.1:8000/ws?port=8002' 403
+	probe refused "ws://127.0.0.1:8000/ws?port=8001&port=8002&access_token=$t" 403
+}
+
+revoke_closes() {
+	# relayctl tokens remove: a live connection that used the token is closed
+	# with 1008 "token revoked" within a second, and the token is refused.
+	local t rc=0 t1 closed_at late
+	t=$(in_ct relayctl tokens add e2e-revoke --read 8001)
+	probe --bearer "$t" closed 'ws://127.0.0.1:8000/ws?port=8001' 1008 'token revoked' >"$work/revoke.out" 2>&1 &
+	local probe_pid=$!
+	for _ in $(seq 100); do
+		grep -q READY "$work/revoke.out" && break
+		kill -0 "$probe_pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	grep -q READY "$work/revoke.out" || { cat "$work/revoke.out"; kill "$probe_pid" 2>/dev/null; return 1; }
+	in_ct relayctl tokens remove e2e-revoke
+	t1=$(date +%s.%N)
+	wait "$probe_pid" || rc=$?
+	grep -v READY "$work/revoke.out" || true
+	[ "$rc" = 0 ] || return 1
+	closed_at=$(sed -n 's/^CLOSED_AT=\([0-9.]*\) .*/\1/p' "$work/revoke.out")
+	late=$(awk -v a="$t1" -v b="$closed_at" 'BEGIN { printf "%.2f", b - a }')
+	echo "closed $late s after relayctl tokens remove returned (limit 1 s)"
+	awk -v e="$late" 'BEGIN { exit !(e <= 1.0) }' || return 1
+	probe --bearer "$t" refused 'ws://127.0.0.1:8000/ws?port=8001' 401
+	! in_ct relayctl tokens list | grep -q e2e-revoke
+}
+
+auth_failures_counted() {
+	local out
+	out=$(probe --bearer "$(token)" body http://127.0.0.1:8000/metrics)
+	grep -E '^relayd_auth_failures_total\{' <<<"$out" || { echo "no relayd_auth_failures_total"; return 1; }
+	local reason
+	for reason in missing invalid forbidden_port revoked; do
+		grep -Eq "^relayd_auth_failures_total\\{reason=\"$reason\"\\} [1-9]" <<<"$out" ||
+			{ echo "expected refusals counted with reason $reason"; return 1; }
+	done
+}
+
 ports_add() {
 	in_ct relayctl ports add 18004 --name e2e-device
 	in_ct relayctl ports show 18004 --json
 	in_ct relayctl ports list
 }
 
-relay_18004() { probe relay 'ws://127.0.0.1:8000/ws?port=18004' 127.0.0.1:18004 "hello from e2e $1"; }
+relay_18004() { probe --bearer "$(token)" relay 'ws://127.0.0.1:8000/ws?port=18004' 127.0.0.1:18004 "hello from e2e $1"; }
 
 main_pid() { in_ct systemctl show -p MainPID --value relayd; }
 
@@ -251,9 +338,9 @@ restart_keeps_port() {
 	after=$(main_pid)
 	echo "MainPID before restart $before, after $after"
 	[ "$before" != "$after" ] || return 1
-	in_ct stat -c '%n: %a %U %G' /var/lib/relayd /var/lib/relayd/ports.json
+	in_ct stat -c '%n: %a %U %G' /var/lib/relayd /var/lib/relayd/ports.json /var/lib/relayd/tokens.json
 	in_ct relayctl ports show 18004 --json
-	relay_18004 after-restart
+	relay_18004 after-restart # also: the token survived the restart
 }
 
 watchdog() {
@@ -303,7 +390,7 @@ stop_drains() {
 	# A device stays connected with a partial line and a WebSocket client
 	# listens: stop must relay the partial line, close both, and be done
 	# within drain.timeout (5 s) + 3 s.
-	probe drain 'ws://127.0.0.1:8000/ws?port=8001' 127.0.0.1:8001 >"$work/drain.out" 2>&1 &
+	probe --bearer "$(token)" drain 'ws://127.0.0.1:8000/ws?port=8001' 127.0.0.1:8001 >"$work/drain.out" 2>&1 &
 	local probe_pid=$! t0 t1 elapsed rc=0
 	for _ in $(seq 100); do
 		grep -q READY "$work/drain.out" && break
@@ -328,6 +415,16 @@ no_traceback_in_journal() {
 	local n
 	n=$(in_ct journalctl -u relayd --no-pager -o cat | grep -c Traceback) || true
 	echo "tracebacks in the journal of relayd.service: $n"
+	[ "$n" = 0 ]
+}
+
+no_token_in_journal() {
+	# Tokens were presented as ?access_token= and as headers, valid and not:
+	# none may appear in a log line.
+	local n
+	n=$(in_ct journalctl -u relayd --no-pager -o cat | grep -c 'rlyd_') || true
+	echo "log lines of relayd.service with a token in them: $n"
+	in_ct journalctl -u relayd --no-pager -o cat | grep -E '^(<[0-9]>)?auth: ' | tail -n 5 || true
 	[ "$n" = 0 ]
 }
 
@@ -360,6 +457,12 @@ check "default listeners 8001-8003 and HTTP 8000 accept" default_listeners
 check "relayd --check-config: shipped config 0, bad config 78" check_config
 check "/etc/relayd/relayd.toml is a conffile" conffile
 check "relayctl status" relayctl_status
+check "anonymous WebSocket client and /metrics refused with 401 (mode token)" anonymous_refused
+check "relayctl tokens add: one token on stdout, tokens.json 0600, hashed" tokens_add
+check "the token works from the host: ?access_token= and Bearer header" token_works
+check "a token for port 8001: 8001 relays, 8002 refused with 403" token_port_limits
+check "relayctl tokens remove closes its live connection with 1008 within 1 s" revoke_closes
+check "relayd_auth_failures_total counts the refusals by reason" auth_failures_counted
 check "relayctl ports add 18004" ports_add
 check "host device -> 18004 -> host WebSocket client" relay_18004 first
 check "systemctl reload: same PID, new config applied" reload_keeps_pid
@@ -370,6 +473,7 @@ check "non-member refused with exit 69 and a hint, no traceback" non_member
 check "systemd-analyze security relayd (live) <= 2.0" security_live
 check "systemctl stop drains: Result=success within 8 s" stop_drains
 check "no Python traceback in the journal" no_traceback_in_journal
+check "no token in the journal" no_token_in_journal
 check "apt-get purge relayd leaves nothing behind" purge_leaves_nothing
 summary
 [ "$failed" = 0 ]
