@@ -9,6 +9,10 @@ iteration. While a client's transport is paused (its socket is not keeping
 up), its queue holds at most ``queue_size`` messages and the overflow policy
 applies to that client alone: drop its oldest messages and count them, or
 close it with 1008.
+
+Every message also gets its port's next sequence number and is kept in that
+port's history ring (``relayd.history``) before it is fanned out; a new
+subscription can ask for a replay, which is queued ahead of any live frame.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ import base64
 import json
 import logging
 import struct
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
+
+from relayd.history import History, Meta, Replay, Ring
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,10 @@ def is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _ts_text(ts: float) -> bytes:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
 
 class Sink(Protocol):
@@ -175,9 +186,15 @@ class Hub:
         queue_size: int,
         slow_client: Literal["drop", "disconnect"],
         max_clients: int,
+        epoch: str = "",
+        history: int = 0,
+        history_max_bytes: int = 0,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self.epoch = epoch
+        self.history = History(epoch, history, history_max_bytes)
+        self._epoch_seq = b'", "epoch": ' + json.dumps(epoch).encode() + b', "seq": '
         self._on_change = on_change  # the set of clients changed (STATUS= is debounced there)
         self.rejected = 0  # subscriptions refused over max_clients
         self.queue_size = queue_size
@@ -194,12 +211,20 @@ class Hub:
         self._empty.set()
 
     def configure(
-        self, *, queue_size: int, slow_client: Literal["drop", "disconnect"], max_clients: int
+        self,
+        *,
+        queue_size: int,
+        slow_client: Literal["drop", "disconnect"],
+        max_clients: int,
+        history: int | None = None,
+        history_max_bytes: int | None = None,
     ) -> None:
-        """Apply a reloaded ``[relay]`` section from now on."""
+        """Apply a reloaded ``[relay]`` section from now on (history limits: at once)."""
         self.queue_size = queue_size
         self.slow_client = slow_client
         self.max_clients = max_clients
+        if history is not None and history_max_bytes is not None:
+            self.history.configure(history, history_max_bytes)
 
     @property
     def clients(self) -> int:
@@ -242,7 +267,14 @@ class Hub:
 
         ``all_text``: the caller knows every message is valid UTF-8.
         """
-        bare, envelope = self._targets_for(source.port)
+        port = source.port
+        ring = self.history.rings.get(port)
+        if ring is None:
+            ring = self.history.ring(port)
+        first_seq = ring.seq + 1
+        now = time.time()
+        ring.add(messages, (now, source))
+        bare, envelope = self._targets_for(port)
         if not bare and not envelope:
             return
         dirty = self._dirty
@@ -261,7 +293,7 @@ class Hub:
                     sub.scheduled = True
                     dirty.append(sub)
         if envelope:
-            frames = self._envelopes(source, messages)
+            frames = self._envelopes(source, now, first_seq, messages)
             for sub in envelope:
                 sub.queue += frames
                 if not sub.scheduled:
@@ -270,17 +302,83 @@ class Hub:
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    @staticmethod
-    def _envelopes(source: Source, messages: list[bytes]) -> list[bytes]:
-        ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-        head = source.json_prefix + ts
+    def _envelopes(
+        self, source: Source, ts: float, first_seq: int, messages: Iterable[bytes]
+    ) -> list[bytes]:
+        head = source.json_prefix + _ts_text(ts) + self._epoch_seq
         frames = []
-        for m in messages:
+        for seq, m in enumerate(messages, first_seq):
             try:
-                body = b'", "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
+                body = b', "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
             except UnicodeDecodeError:
-                body = b'", "data_b64": "' + base64.b64encode(m) + b'"}'
-            frames.append(encode_frame(head + body, OP_TEXT))
+                body = b', "data_b64": "' + base64.b64encode(m) + b'"}'
+            frames.append(encode_frame(head + str(seq).encode() + body, OP_TEXT))
+        return frames
+
+    # Replay
+
+    def replay(self, sub: Subscription, request: Replay) -> None:
+        """Queue ``request``'s kept messages for ``sub``, ahead of every live frame.
+
+        Call right after ``subscribe``, in the same callback: ``publish`` is
+        synchronous, so no message falls between the replay and the live
+        frames, and none is sent twice (relayd(8), HISTORY AND RECOVERY).
+        """
+        since = {port: (epoch, seq) for port, epoch, seq in request.since}
+        if not since and request.last <= 0:
+            return
+        if sub.ports is not None:
+            ports: Iterable[int] = sub.ports
+        else:
+            ports = sorted(set(self.history.rings) | set(since))
+        frames: list[bytes] = []
+        for port in ports:
+            ring = self.history.peek(port)
+            if port in since:
+                epoch, seq = since[port]
+                if epoch == self.epoch and ring.first_seq - 1 <= seq <= ring.seq:
+                    status: dict[str, object] = {"port": port, "recovered": True}
+                else:
+                    status = {
+                        "port": port,
+                        "recovered": False,
+                        "epoch": self.epoch,
+                        "first_seq": ring.first_seq,
+                    }
+                    seq = ring.first_seq - 1
+                frames.append(encode_frame(json.dumps(status).encode(), OP_TEXT))
+            elif request.last > 0:
+                seq = ring.seq - min(request.last, len(ring))
+            else:
+                continue
+            frames += self._replay_frames(ring, seq, sub.json)
+        if not frames:
+            return
+        sub.queue[:0] = frames
+        if not sub.scheduled:
+            sub.scheduled = True
+            self._dirty.append(sub)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
+
+    def _replay_frames(self, ring: Ring, seq: int, as_json: bool) -> list[bytes]:
+        """Frames of ``ring``'s messages after ``seq``, as they were sent live."""
+        if not as_json:
+            return [
+                encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for _, m, _ in ring.after(seq)
+            ]
+        frames: list[bytes] = []
+        batch: list[bytes] = []
+        batch_meta: Meta | None = None
+        batch_seq = 0
+        for number, message, meta in ring.after(seq):
+            if meta is not batch_meta:
+                if batch_meta is not None:
+                    frames += self._envelopes(batch_meta[1], batch_meta[0], batch_seq, batch)
+                batch, batch_meta, batch_seq = [], meta, number
+            batch.append(message)
+        if batch_meta is not None:
+            frames += self._envelopes(batch_meta[1], batch_meta[0], batch_seq, batch)
         return frames
 
     def _flush(self) -> None:
