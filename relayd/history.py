@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 ENTRY_OVERHEAD = 64  # bytes counted per kept message on top of its length
 
 Meta = tuple[float, "Source"]  # one per published batch: time.time() and the device
+Snapshot = tuple[int, list[bytes], list[Meta]]  # first seq, messages, their metas
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +87,15 @@ class Ring:
         self.limit = limit
         self.max_bytes = max_bytes
         self._evict()
+
+    def snapshot(self, seq: int) -> Snapshot:
+        """The kept messages numbered above ``seq``: copies of the references, not the bytes."""
+        start = max(0, seq - self.first_seq + 1)
+        return (
+            self.first_seq + start,
+            list(islice(self.messages, start, None)),
+            list(islice(self.metas, start, None)),
+        )
 
     def after(self, seq: int) -> Iterator[tuple[int, bytes, Meta]]:
         """The kept messages numbered above ``seq``, oldest first, with number and meta."""

@@ -23,12 +23,14 @@ import json
 import logging
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
 
-from relayd.history import History, Meta, Replay, Ring
+from relayd.history import History, Meta, Replay, Snapshot
+
+REPLAY_CHUNK = 256  # replayed messages encoded and sent per event-loop iteration
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,7 @@ class Subscription:
         "paused",
         "closed",
         "dropped",
+        "replay",
     )
 
     def __init__(self, hub: Hub, sink: Sink, ports: frozenset[int] | None, json: bool) -> None:
@@ -133,6 +136,8 @@ class Subscription:
         self.paused = False
         self.closed = False
         self.dropped = 0
+        # Replayed history still to send, a chunk of frames at a time, ahead of ``queue``.
+        self.replay: Iterator[list[bytes]] | None = None
 
     def pause(self) -> None:
         """The client's transport buffer is full: keep frames here, bounded."""
@@ -140,10 +145,12 @@ class Subscription:
 
     def resume(self) -> None:
         self.paused = False
-        if self.queue and not self.scheduled:
+        if (self.queue or self.replay is not None) and not self.scheduled:
             self.flush()
 
     def flush(self) -> None:
+        if self.replay is not None and self._flush_replay():
+            return
         queue = self.queue
         if not queue:
             return
@@ -158,6 +165,40 @@ class Subscription:
         self.queue = []
         self._hub.messages_sent += len(queue)
         self.sink.send_frames(queue)
+
+    def _flush_replay(self) -> bool:
+        """Send the next chunk of the replay; True while some of it is left.
+
+        One chunk per event-loop iteration, so a long replay never holds up the
+        other clients; live frames wait in ``queue`` meanwhile, under the same
+        bound and policy as a slow client's.
+        """
+        assert self.replay is not None
+        hub = self._hub
+        if self.closed:
+            self.replay = None
+            return False
+        if hub.closing:  # the last flush before the close: everything, now
+            frames = [frame for chunk in self.replay for frame in chunk]
+            self.replay = None
+            hub.messages_sent += len(frames)
+            self.sink.send_frames(frames)
+            return False
+        excess = len(self.queue) - hub.queue_size
+        if excess > 0:
+            self._overflow(excess)
+            if self.closed:
+                return True
+        if self.paused:
+            return True
+        chunk = next(self.replay, None)
+        if chunk is None:
+            self.replay = None
+            return False
+        hub.messages_sent += len(chunk)
+        self.sink.send_frames(chunk)
+        hub.schedule(self)
+        return True
 
     def _overflow(self, excess: int) -> None:
         hub = self._hub
@@ -318,11 +359,13 @@ class Hub:
     # Replay
 
     def replay(self, sub: Subscription, request: Replay) -> None:
-        """Queue ``request``'s kept messages for ``sub``, ahead of every live frame.
+        """Send ``request``'s kept messages to ``sub`` before any live frame.
 
         Call right after ``subscribe``, in the same callback: ``publish`` is
         synchronous, so no message falls between the replay and the live
-        frames, and none is sent twice (relayd(8), HISTORY AND RECOVERY).
+        frames, and none is sent twice (relayd(8), HISTORY AND RECOVERY). What
+        to replay is fixed here (references to the kept bytes); it is encoded
+        and sent a chunk at a time by the subscription's flushes.
         """
         since = {port: (epoch, seq) for port, epoch, seq in request.since}
         if not since and request.last <= 0:
@@ -331,55 +374,69 @@ class Hub:
             ports: Iterable[int] = sub.ports
         else:
             ports = sorted(set(self.history.rings) | set(since))
-        frames: list[bytes] = []
+        plan: list[tuple[bytes | None, Snapshot]] = []
         for port in ports:
             ring = self.history.peek(port)
+            status = None
             if port in since:
                 epoch, seq = since[port]
                 if epoch == self.epoch and ring.first_seq - 1 <= seq <= ring.seq:
-                    status: dict[str, object] = {"port": port, "recovered": True}
+                    fields: dict[str, object] = {"port": port, "recovered": True}
                 else:
-                    status = {
+                    fields = {
                         "port": port,
                         "recovered": False,
                         "epoch": self.epoch,
                         "first_seq": ring.first_seq,
                     }
                     seq = ring.first_seq - 1
-                frames.append(encode_frame(json.dumps(status).encode(), OP_TEXT))
+                status = encode_frame(json.dumps(fields).encode(), OP_TEXT)
             elif request.last > 0:
                 seq = ring.seq - min(request.last, len(ring))
             else:
                 continue
-            frames += self._replay_frames(ring, seq, sub.json)
-        if not frames:
-            return
-        sub.queue[:0] = frames
+            plan.append((status, ring.snapshot(seq)))
+        if plan:
+            sub.replay = self._replay_chunks(plan, sub.json)
+            self.schedule(sub)
+
+    def _replay_chunks(
+        self, plan: list[tuple[bytes | None, Snapshot]], as_json: bool
+    ) -> Iterator[list[bytes]]:
+        """The replay's frames, as they were sent live, ``REPLAY_CHUNK`` messages at a time."""
+        for status, (first_seq, messages, metas) in plan:
+            chunk = [status] if status is not None else []
+            for start in range(0, len(messages), REPLAY_CHUNK):
+                batch = messages[start : start + REPLAY_CHUNK]
+                if as_json:
+                    chunk += self._replay_envelopes(
+                        first_seq + start, batch, metas[start : start + REPLAY_CHUNK]
+                    )
+                else:
+                    chunk += [encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for m in batch]
+                yield chunk
+                chunk = []
+            if chunk:
+                yield chunk
+
+    def _replay_envelopes(self, seq: int, messages: list[bytes], metas: list[Meta]) -> list[bytes]:
+        """Envelopes of consecutive messages, one ``_envelopes`` call per published batch."""
+        frames: list[bytes] = []
+        start = 0
+        for i in range(1, len(messages) + 1):
+            if i == len(messages) or metas[i] is not metas[start]:
+                ts, source = metas[start]
+                frames += self._envelopes(source, ts, seq + start, messages[start:i])
+                start = i
+        return frames
+
+    def schedule(self, sub: Subscription) -> None:
+        """Flush ``sub`` at the end of this event-loop iteration."""
         if not sub.scheduled:
             sub.scheduled = True
             self._dirty.append(sub)
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
-
-    def _replay_frames(self, ring: Ring, seq: int, as_json: bool) -> list[bytes]:
-        """Frames of ``ring``'s messages after ``seq``, as they were sent live."""
-        if not as_json:
-            return [
-                encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for _, m, _ in ring.after(seq)
-            ]
-        frames: list[bytes] = []
-        batch: list[bytes] = []
-        batch_meta: Meta | None = None
-        batch_seq = 0
-        for number, message, meta in ring.after(seq):
-            if meta is not batch_meta:
-                if batch_meta is not None:
-                    frames += self._envelopes(batch_meta[1], batch_meta[0], batch_seq, batch)
-                batch, batch_meta, batch_seq = [], meta, number
-            batch.append(message)
-        if batch_meta is not None:
-            frames += self._envelopes(batch_meta[1], batch_meta[0], batch_seq, batch)
-        return frames
 
     def _flush(self) -> None:
         self._flush_handle = None
