@@ -46,6 +46,9 @@ from bench.procstat import uses_uvloop  # noqa: E402
 from bench.scenarios import SCENARIOS, Hooks, Params, Relay  # noqa: E402
 
 RELAYS = ("relayd", "naive", "floor")
+# Not run by default: relayd with [relay] history = 0, for the cost of history
+# (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
+EXTRA_RELAYS = ("relayd-h0",)
 HOST = "127.0.0.1"
 
 # (metric, how to read "better", target check on relayd's median or None)
@@ -116,6 +119,15 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("gen_cpu_pct", "", None),
         ("rss_max_kib", "", None),
     ],
+    "recover50": [
+        ("recover_gap_ms", "≤ 10", _le("recover_gap_ms", 10.0)),
+        ("recover_replayed", "1000", None),
+        ("recovered", "", None),
+        ("recover_replay_ms", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p99_ms", "", None),
+        ("relay_cpu_pct", "", None),
+    ],
     "slow": [
         ("healthy_ratio", "≥ 0.99", _ge("healthy_ratio", 0.99)),
         ("p99_base_ms", "", None),
@@ -158,7 +170,9 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def relayd_config(path: Path, ws_port: int, tcp_port: int, drain_timeout: float) -> None:
+def relayd_config(
+    path: Path, ws_port: int, tcp_port: int, drain_timeout: float, history: int = 1000
+) -> None:
     path.write_text(
         f"""[http]
 host = "{HOST}"
@@ -169,6 +183,7 @@ queue_size = 1024
 slow_client = "drop"
 max_clients = 5000
 per_message_deflate = false
+history = {history}
 
 [drain]
 timeout = {drain_timeout}
@@ -183,9 +198,10 @@ max_connections = 5000
 
 
 def relay_command(name: str, workdir: Path, ws_port: int, tcp_port: int, P: Params) -> list[str]:
-    if name == "relayd":
+    if name in ("relayd", "relayd-h0"):
         cfg = workdir / "relayd.toml"
-        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout)
+        history = 0 if name == "relayd-h0" else 1000
+        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, history)
         exe = ROOT / ".venv" / "bin" / "relayd"
         return [
             str(exe),
@@ -527,7 +543,7 @@ async def amain(args: argparse.Namespace) -> int:
     relays = args.relays.split(",")
     scenarios = args.scenarios.split(",")
     for name in relays:
-        if name not in RELAYS:
+        if name not in RELAYS + EXTRA_RELAYS:
             raise SystemExit(f"unknown relay {name!r}")
     for s in scenarios:
         if s not in SCENARIOS:

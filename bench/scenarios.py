@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
@@ -61,6 +62,7 @@ class Params:
     drain_before_s: float = 3.0
     drain_linger_s: float = 1.0  # devices keep streaming this long after SIGTERM
     drain_timeout: float = 5.0  # the relay's drain.timeout
+    recover_missed: int = 1000  # messages the reconnecting client misses (recover50)
 
     def quick(self) -> Params:
         return replace(
@@ -408,10 +410,64 @@ async def drain(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     }
 
 
+async def recover(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """fanout50, and meanwhile one client that leaves and comes back with ``?since``.
+
+    It comes back once ``recover_missed`` messages were relayed without it, and
+    measures how long after the last replayed message the first live one arrives
+    (a message is live when relayd stamped it after the client reconnected).
+    """
+    probe = asyncio.create_task(_reconnect_probe(r, P))
+    res = await fanout(r, P, hooks, P.fanout_clients[0])
+    res.update(await probe)
+    return res
+
+
+async def _reconnect_probe(r: Relay, P: Params) -> dict[str, Any]:
+    from datetime import datetime
+
+    from websockets.asyncio.client import connect
+
+    def ts(envelope: dict[str, Any]) -> float:
+        return datetime.fromisoformat(envelope["ts"].replace("Z", "+00:00")).timestamp()
+
+    url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={r.tcp_port}"
+    out: dict[str, Any] = {"recover_gap_ms": None, "recover_replayed": None, "recovered": None}
+    try:
+        await asyncio.sleep(P.warmup + 0.2)
+        async with connect(url, max_queue=None) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), 5.0))
+        epoch, seq = first["epoch"], first["seq"]
+        await asyncio.sleep(P.recover_missed / (P.fanout_devices * P.fanout_rate) + 0.05)
+        since = f"{url}&since={r.tcp_port}:{epoch}:{seq}"
+        back = time.time()
+        async with connect(since, max_queue=None) as ws:
+            status = json.loads(await asyncio.wait_for(ws.recv(), 5.0))
+            t_status = time.perf_counter()
+            replayed, last_replay = 0, t_status
+            while True:
+                m = json.loads(await asyncio.wait_for(ws.recv(), 5.0))
+                now = time.perf_counter()
+                if ts(m) < back:
+                    replayed, last_replay = replayed + 1, now
+                    continue
+                break
+        out.update(
+            recover_gap_ms=round((now - last_replay) * 1000, 2),
+            recover_replayed=replayed,
+            recovered=status.get("recovered"),
+            recover_replay_ms=round((last_replay - t_status) * 1000, 2),
+        )
+    except Exception as e:  # the reference relays know no ?since
+        out["recover_error"] = f"{type(e).__name__}: {e}"[:200]
+    return out
+
+
 SCENARIOS: dict[str, Callable[[Relay, Params, Hooks], Awaitable[dict[str, Any]]]] = {
     "throughput": throughput,
     "fanout50": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0]),
     "fanout200": lambda r, P, h: fanout(r, P, h, P.fanout_clients[1]),
+    "recover50": recover,
     "slow": slow_client,
     "idle": idle,
     "drain": drain,

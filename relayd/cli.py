@@ -385,9 +385,23 @@ def tail(
     as_json: Annotated[
         bool,
         typer.Option(
-            "--json", show_default=False, help="Print JSON envelopes (port, name, peer, ts, data)."
+            "--json",
+            show_default=False,
+            help="Print JSON envelopes (port, name, peer, ts, epoch, seq, data).",
         ),
     ] = False,
+    last: Annotated[
+        int,
+        typer.Option(
+            "--last",
+            "-n",
+            metavar="N",
+            min=0,
+            max=1_000_000,
+            show_default=False,
+            help="First print the last N kept messages of each port (relay.history).",
+        ),
+    ] = 0,
 ) -> None:
     """Print relayed messages as they arrive, one per line, until Ctrl-C.
 
@@ -398,6 +412,8 @@ def tail(
     query = [("port", str(p)) for p in port or []]
     if as_json:
         query.append(("format", "json"))
+    if last:
+        query.append(("last", str(last)))
     path = "/ws" + ("?" + urlencode(query) if query else "")
     try:
         code, message = subscribe(target, path, _print_message)

@@ -112,6 +112,8 @@ class RelaySettings(_Model):
     ping_interval: Annotated[float, Field(ge=0, le=86400)] = 20.0
     ping_timeout: Annotated[float, Field(gt=0, le=86400)] = 20.0
     per_message_deflate: bool = False
+    history: Annotated[int, Field(ge=0, le=1_000_000)] = 1000
+    history_max_bytes: Annotated[int, Field(ge=0, le=1 << 30)] = 1 << 20
 
 
 class DrainSettings(_Model):

@@ -9,6 +9,10 @@ iteration. While a client's transport is paused (its socket is not keeping
 up), its queue holds at most ``queue_size`` messages and the overflow policy
 applies to that client alone: drop its oldest messages and count them, or
 close it with 1008.
+
+Every message also gets its port's next sequence number and is kept in that
+port's history ring (``relayd.history``) before it is fanned out; a new
+subscription can ask for a replay, which is queued ahead of any live frame.
 """
 
 from __future__ import annotations
@@ -18,10 +22,15 @@ import base64
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Literal, Protocol
+
+from relayd.history import History, Meta, Replay, Snapshot
+
+REPLAY_CHUNK = 256  # replayed messages encoded and sent per event-loop iteration
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,10 @@ def is_utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+def _ts_text(ts: float) -> bytes:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
 
 class Sink(Protocol):
@@ -110,6 +123,7 @@ class Subscription:
         "paused",
         "closed",
         "dropped",
+        "replay",
     )
 
     def __init__(self, hub: Hub, sink: Sink, ports: frozenset[int] | None, json: bool) -> None:
@@ -122,6 +136,8 @@ class Subscription:
         self.paused = False
         self.closed = False
         self.dropped = 0
+        # Replayed history still to send, a chunk of frames at a time, ahead of ``queue``.
+        self.replay: Iterator[list[bytes]] | None = None
 
     def pause(self) -> None:
         """The client's transport buffer is full: keep frames here, bounded."""
@@ -129,10 +145,12 @@ class Subscription:
 
     def resume(self) -> None:
         self.paused = False
-        if self.queue and not self.scheduled:
+        if (self.queue or self.replay is not None) and not self.scheduled:
             self.flush()
 
     def flush(self) -> None:
+        if self.replay is not None and self._flush_replay():
+            return
         queue = self.queue
         if not queue:
             return
@@ -147,6 +165,40 @@ class Subscription:
         self.queue = []
         self._hub.messages_sent += len(queue)
         self.sink.send_frames(queue)
+
+    def _flush_replay(self) -> bool:
+        """Send the next chunk of the replay; True while some of it is left.
+
+        One chunk per event-loop iteration, so a long replay never holds up the
+        other clients; live frames wait in ``queue`` meanwhile, under the same
+        bound and policy as a slow client's.
+        """
+        assert self.replay is not None
+        hub = self._hub
+        if self.closed:
+            self.replay = None
+            return False
+        if hub.closing:  # the last flush before the close: everything, now
+            frames = [frame for chunk in self.replay for frame in chunk]
+            self.replay = None
+            hub.messages_sent += len(frames)
+            self.sink.send_frames(frames)
+            return False
+        excess = len(self.queue) - hub.queue_size
+        if excess > 0:
+            self._overflow(excess)
+            if self.closed:
+                return True
+        if self.paused:
+            return True
+        chunk = next(self.replay, None)
+        if chunk is None:
+            self.replay = None
+            return False
+        hub.messages_sent += len(chunk)
+        self.sink.send_frames(chunk)
+        hub.schedule(self)
+        return True
 
     def _overflow(self, excess: int) -> None:
         hub = self._hub
@@ -175,9 +227,15 @@ class Hub:
         queue_size: int,
         slow_client: Literal["drop", "disconnect"],
         max_clients: int,
+        epoch: str = "",
+        history: int = 0,
+        history_max_bytes: int = 0,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self.epoch = epoch
+        self.history = History(epoch, history, history_max_bytes)
+        self._epoch_seq = b'", "epoch": ' + json.dumps(epoch).encode() + b', "seq": '
         self._on_change = on_change  # the set of clients changed (STATUS= is debounced there)
         self.rejected = 0  # subscriptions refused over max_clients
         self.queue_size = queue_size
@@ -194,12 +252,20 @@ class Hub:
         self._empty.set()
 
     def configure(
-        self, *, queue_size: int, slow_client: Literal["drop", "disconnect"], max_clients: int
+        self,
+        *,
+        queue_size: int,
+        slow_client: Literal["drop", "disconnect"],
+        max_clients: int,
+        history: int | None = None,
+        history_max_bytes: int | None = None,
     ) -> None:
-        """Apply a reloaded ``[relay]`` section from now on."""
+        """Apply a reloaded ``[relay]`` section from now on (history limits: at once)."""
         self.queue_size = queue_size
         self.slow_client = slow_client
         self.max_clients = max_clients
+        if history is not None and history_max_bytes is not None:
+            self.history.configure(history, history_max_bytes)
 
     @property
     def clients(self) -> int:
@@ -242,7 +308,14 @@ class Hub:
 
         ``all_text``: the caller knows every message is valid UTF-8.
         """
-        bare, envelope = self._targets_for(source.port)
+        port = source.port
+        ring = self.history.rings.get(port)
+        if ring is None:
+            ring = self.history.ring(port)
+        first_seq = ring.seq + 1
+        now = time.time()
+        ring.add(messages, (now, source))
+        bare, envelope = self._targets_for(port)
         if not bare and not envelope:
             return
         dirty = self._dirty
@@ -261,7 +334,7 @@ class Hub:
                     sub.scheduled = True
                     dirty.append(sub)
         if envelope:
-            frames = self._envelopes(source, messages)
+            frames = self._envelopes(source, now, first_seq, messages)
             for sub in envelope:
                 sub.queue += frames
                 if not sub.scheduled:
@@ -270,18 +343,100 @@ class Hub:
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_soon(self._flush)
 
-    @staticmethod
-    def _envelopes(source: Source, messages: list[bytes]) -> list[bytes]:
-        ts = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
-        head = source.json_prefix + ts
+    def _envelopes(
+        self, source: Source, ts: float, first_seq: int, messages: Iterable[bytes]
+    ) -> list[bytes]:
+        head = source.json_prefix + _ts_text(ts) + self._epoch_seq
         frames = []
-        for m in messages:
+        for seq, m in enumerate(messages, first_seq):
             try:
-                body = b'", "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
+                body = b', "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
             except UnicodeDecodeError:
-                body = b'", "data_b64": "' + base64.b64encode(m) + b'"}'
-            frames.append(encode_frame(head + body, OP_TEXT))
+                body = b', "data_b64": "' + base64.b64encode(m) + b'"}'
+            frames.append(encode_frame(head + str(seq).encode() + body, OP_TEXT))
         return frames
+
+    # Replay
+
+    def replay(self, sub: Subscription, request: Replay) -> None:
+        """Send ``request``'s kept messages to ``sub`` before any live frame.
+
+        Call right after ``subscribe``, in the same callback: ``publish`` is
+        synchronous, so no message falls between the replay and the live
+        frames, and none is sent twice (relayd(8), HISTORY AND RECOVERY). What
+        to replay is fixed here (references to the kept bytes); it is encoded
+        and sent a chunk at a time by the subscription's flushes.
+        """
+        since = {port: (epoch, seq) for port, epoch, seq in request.since}
+        if not since and request.last <= 0:
+            return
+        if sub.ports is not None:
+            ports: Iterable[int] = sub.ports
+        else:
+            ports = sorted(set(self.history.rings) | set(since))
+        plan: list[tuple[bytes | None, Snapshot]] = []
+        for port in ports:
+            ring = self.history.peek(port)
+            status = None
+            if port in since:
+                epoch, seq = since[port]
+                if epoch == self.epoch and ring.first_seq - 1 <= seq <= ring.seq:
+                    fields: dict[str, object] = {"port": port, "recovered": True}
+                else:
+                    fields = {
+                        "port": port,
+                        "recovered": False,
+                        "epoch": self.epoch,
+                        "first_seq": ring.first_seq,
+                    }
+                    seq = ring.first_seq - 1
+                status = encode_frame(json.dumps(fields).encode(), OP_TEXT)
+            elif request.last > 0:
+                seq = ring.seq - min(request.last, len(ring))
+            else:
+                continue
+            plan.append((status, ring.snapshot(seq)))
+        if plan:
+            sub.replay = self._replay_chunks(plan, sub.json)
+            self.schedule(sub)
+
+    def _replay_chunks(
+        self, plan: list[tuple[bytes | None, Snapshot]], as_json: bool
+    ) -> Iterator[list[bytes]]:
+        """The replay's frames, as they were sent live, ``REPLAY_CHUNK`` messages at a time."""
+        for status, (first_seq, messages, metas) in plan:
+            chunk = [status] if status is not None else []
+            for start in range(0, len(messages), REPLAY_CHUNK):
+                batch = messages[start : start + REPLAY_CHUNK]
+                if as_json:
+                    chunk += self._replay_envelopes(
+                        first_seq + start, batch, metas[start : start + REPLAY_CHUNK]
+                    )
+                else:
+                    chunk += [encode_frame(m, OP_TEXT if is_utf8(m) else OP_BINARY) for m in batch]
+                yield chunk
+                chunk = []
+            if chunk:
+                yield chunk
+
+    def _replay_envelopes(self, seq: int, messages: list[bytes], metas: list[Meta]) -> list[bytes]:
+        """Envelopes of consecutive messages, one ``_envelopes`` call per published batch."""
+        frames: list[bytes] = []
+        start = 0
+        for i in range(1, len(messages) + 1):
+            if i == len(messages) or metas[i] is not metas[start]:
+                ts, source = metas[start]
+                frames += self._envelopes(source, ts, seq + start, messages[start:i])
+                start = i
+        return frames
+
+    def schedule(self, sub: Subscription) -> None:
+        """Flush ``sub`` at the end of this event-loop iteration."""
+        if not sub.scheduled:
+            sub.scheduled = True
+            self._dirty.append(sub)
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None

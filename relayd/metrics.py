@@ -49,6 +49,14 @@ class RelayCollector(Collector):
             for why, count in listener.rejected.items():
                 rejected.add_metric([*port, why], count)
         yield from (connections, received, received_bytes, rejected)
+        history = GaugeMetricFamily(
+            "relayd_history_bytes",
+            "Bytes of messages kept for ?last and ?since, per port (relay.history_max_bytes)",
+            labels=["port"],
+        )
+        for number, nbytes in hub.history.nbytes.items():
+            history.add_metric([str(number)], nbytes)
+        yield history
         yield CounterMetricFamily(
             "relayd_messages_sent", "Messages written to WebSocket clients", value=hub.messages_sent
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import socket
 import ssl
 import time
@@ -84,10 +85,14 @@ class Runtime:
         self.state = state
         self.notifier = notifier
         relay = settings.relay
+        self.epoch = secrets.token_hex(8)  # new at each start, kept across reloads
         self.hub = Hub(
             queue_size=relay.queue_size,
             slow_client=relay.slow_client,
             max_clients=relay.max_clients,
+            epoch=self.epoch,
+            history=relay.history,
+            history_max_bytes=relay.history_max_bytes,
             on_change=self.status_changed,
         )
         # TLS contexts: [http]'s, and each TLS device port's by port number. A reload
@@ -312,7 +317,15 @@ class Runtime:
             timeout = 0.0 if force else self.settings.drain.timeout
             listener.stop(timeout)
         logger.info("port %d removed at runtime%s", port, " (forced)" if force else "")
-        return await self.registry.remove(port, drain_timeout=timeout)
+        try:
+            return await self.registry.remove(port, drain_timeout=timeout)
+        finally:
+            self._drop_history(port)
+
+    def _drop_history(self, port: int) -> None:
+        """A removed port loses its history once drained, unless it is back already."""
+        if port not in self.registry:
+            self.hub.history.drop(port)
 
     # Reload
 
@@ -382,6 +395,8 @@ class Runtime:
                 for port in report.removed + report.changed + finishing
             )
         )
+        for port in report.removed:  # a changed port keeps its history (relayd.toml(5))
+            self._drop_history(port)
         for port, (settings, origin) in sorted(desired.items()):
             if port in self.registry or self.draining:
                 continue
@@ -408,6 +423,8 @@ class Runtime:
             queue_size=relay.queue_size,
             slow_client=relay.slow_client,
             max_clients=relay.max_clients,
+            history=relay.history,
+            history_max_bytes=relay.history_max_bytes,
         )
         self.registry.configure(max_message=relay.max_message)
         # [http] and [admin] keep their running values until a restart.

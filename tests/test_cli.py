@@ -264,6 +264,7 @@ class Subscriber:
     ports: list[int]
     json: bool
     authorization: str | None
+    query: dict[str, list[str]] = field(default_factory=dict)
 
 
 # What the fake does to a new subscriber: ("send", text or bytes), ("close", code,
@@ -401,7 +402,12 @@ class FakeRelayd:
         query = parse_qs(urlsplit(target).query)
         ports = [int(p) for p in query.get("port", [])]
         sub = Subscriber(
-            proto, writer, ports, query.get("format") == ["json"], headers.get("authorization")
+            proto,
+            writer,
+            ports,
+            query.get("format") == ["json"],
+            headers.get("authorization"),
+            query,
         )
         unknown = [p for p in ports if p not in self.state.ports]
         if unknown:
@@ -1140,6 +1146,24 @@ def test_tail_json(fake: FakeRelayd) -> None:
     assert result.stdout == envelope + "\n"
     assert result.stderr == "relayctl: relayd closed the connection (going away: stopping)\n"
     assert fake.subscribers[0].json and fake.subscribers[0].ports == []
+
+
+def test_tail_last_asks_for_the_kept_messages(fake: FakeRelayd) -> None:
+    fake.script = [("send", "kept"), ("close", CloseCode.GOING_AWAY, "")]
+    result = invoke(["--socket", str(fake.path), "tail", "--last", "5", "-p", "8001"])
+    assert result.stdout == "kept\n"
+    assert fake.subscribers[0].query == {"port": ["8001"], "last": ["5"]}
+    fake.script = [("close", CloseCode.GOING_AWAY, "")]
+    invoke(["--socket", str(fake.path), "tail"])
+    assert "last" not in fake.subscribers[1].query
+
+
+@pytest.mark.parametrize("value", ["-1", "ten", "1000001"])
+def test_tail_last_must_be_a_count(fake: FakeRelayd, value: str) -> None:
+    result = invoke(["--socket", str(fake.path), "tail", "--last", value])
+    assert result.exit_code == 2
+    assert "--last" in result.stderr
+    assert fake.subscribers == []
 
 
 def test_tail_unknown_port_exits_1_with_the_reason(fake: FakeRelayd) -> None:
