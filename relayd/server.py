@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -245,10 +246,14 @@ async def _serve_http(
     http_factory: Callable[[], asyncio.Protocol] = http_protocol
     if runtime.http_tls is not None:
 
+        def tls_context() -> ssl.SSLContext:
+            assert runtime.http_tls is not None  # set at start, replaced on reload
+            return runtime.http_tls
+
         def http_factory() -> asyncio.Protocol:
             return TlsAcceptor(
                 http_protocol,
-                context=lambda: runtime.http_tls,  # type: ignore[arg-type, return-value]
+                context=tls_context,
                 timeout=lambda: runtime.settings.http.handshake_timeout,
                 on_failure=runtime.http_handshake_failed,
                 tasks=server.server_state.tasks,
