@@ -15,7 +15,7 @@ import httpx
 import jwt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 
 from tests.helpers import MS, NotifySocket, run_daemon, send_device
 
@@ -115,9 +115,13 @@ async def test_origin_rule_in_both_modes(tmp_path: Path, notify: NotifySocket) -
         for origin in ("https://evil.example", "null", "https://dash.example", "x" * 2000):
             status, _ = await refused_with(d.ws_url, origin=origin)  # type: ignore[arg-type]
             assert status == 403, origin[:40]
-        # 100 KB: past what the HTTP parser reads of a header, refused before any check.
-        status, _ = await refused_with(d.ws_url, origin="x" * 100_000)  # type: ignore[arg-type]
-        assert status == 431
+        # 100 KB: past what the HTTP parser reads of a header, refused before any check:
+        # 431 from h11 >= 0.15, the connection closed unanswered by older ones.
+        with pytest.raises((InvalidStatus, InvalidMessage)) as huge:
+            async with connect(d.ws_url, origin="x" * 100_000):  # type: ignore[arg-type]
+                pass
+        if isinstance(huge.value, InvalidStatus):
+            assert huge.value.response.status_code == 431
         async with connect(d.ws_url):  # no Origin: not a browser
             pass
     async with run_daemon(tmp_path, notify, extra=TOKEN_MODE) as d, d.admin() as admin:
