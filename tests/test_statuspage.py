@@ -305,12 +305,16 @@ async def test_browser_phone_layout(tmp_path: Path, notify: NotifySocket, browse
 
 
 @browser_test
-async def test_browser_token_prompt(
-    tmp_path: Path, notify: NotifySocket, browser: Browser, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    token = "rlyd_test-token"
-    monkeypatch.setattr(statuspage, "visible_ports", require_token(token))
-    async with run_daemon(tmp_path, notify) as d, open_page(browser, d.url + "/") as page:
+async def test_browser_token_prompt(tmp_path: Path, notify: NotifySocket, browser: Browser) -> None:
+    """Real token mode: the page asks once, keeps the token for the tab, asks again once revoked."""
+    extra = '[auth]\nmode = "token"\n'
+    async with (
+        run_daemon(tmp_path, notify, extra=extra) as d,
+        d.admin() as admin,
+        open_page(browser, d.url + "/") as page,
+    ):
+        created = await admin.post("/v1/tokens", json={"name": "operator"})
+        token = created.json()["token"]
         form_shown = "!document.getElementById('token-form').hidden"
         await page.wait_for(form_shown, LOAD)
         assert await page.evaluate("document.getElementById('ports-section').hidden")
@@ -350,9 +354,10 @@ async def test_browser_token_prompt(
         await page.wait_for("document.querySelectorAll('#ports-body tr').length === 2", LOAD)
         assert await page.evaluate("document.getElementById('token-form').hidden")
 
-        # The token stops working: it is dropped and asked for again.
-        monkeypatch.setattr(statuspage, "visible_ports", require_token("rlyd_other"))
-        await page.wait_for(f"{form_shown} && {error}", POLL)
+        # The token is revoked: the page's connection closes (1008), the token is
+        # dropped and asked for again.
+        assert (await admin.delete("/v1/tokens/operator")).status_code == 200
+        await page.wait_for(f"{form_shown}", POLL)
         assert await page.evaluate("sessionStorage.length") == 0
         await page.screenshot(tmp_path / "status-page-token.png")
 
