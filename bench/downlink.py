@@ -41,6 +41,12 @@ class CommandDevice(lg.Producer):
         self.bad = 0
         self._carry = b""
 
+    def close(self) -> None:
+        """Not yet when fanout() is done: commands may still be on their way."""
+
+    def close_now(self) -> None:
+        super().close()
+
     def data_received(self, data: bytes) -> None:
         now = lg.mono_ns() // 1000
         lines = (self._carry + data).split(b"\n")
@@ -185,7 +191,11 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     try:
         loaded = await fanout(r, P, hooks, P.fanout_clients[0], connect_devices=connect_devices)
     finally:
-        await sender
+        try:
+            await sender
+        finally:
+            for dev in devices:
+                dev.close_now()
     read = sum(d.read for d in devices)
     up99, base99 = loaded.get("p99_ms"), base.get("p99_ms")
     out.update(
@@ -196,7 +206,8 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
             "command_errors": n.errors,
             "first_error": n.first_error,
             "device_reads": read,
-            "device_reads_expected": n.acked * P.fanout_devices,
+            "commands_unanswered": n.sent - n.acked - n.errors,  # after 5 s
+            "device_reads_expected": n.sent * P.fanout_devices,  # were none refused
             "device_reads_bad": sum(d.bad for d in devices),
             "cmd_n": cmd_lat.n,
             "cmd_p50_ms": lg._r(cmd_lat.percentile(0.5)),

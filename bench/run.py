@@ -140,6 +140,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("cmd_max_ms", "", None),
         ("commands_sent", "", None),
         ("command_errors", "0", _le("command_errors", 0)),
+        ("commands_unanswered", "0", _le("commands_unanswered", 0)),
         ("device_reads", "", None),
         ("device_reads_expected", "", None),
         ("lost", "0", _le("lost", 0)),
