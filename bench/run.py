@@ -1,7 +1,7 @@
 """Run the scenarios against relayd and the two reference relays, side by side.
 
     .venv/bin/python -m bench.run [--quick] [--relays relayd,naive,floor]
-        [--scenarios throughput,fanout50,fanout200,slow,idle,drain] [--repeat 3]
+        [--scenarios throughput,fanout50,fanout200,slow,idle,drain,downlink50] [--repeat 3]
         [--markdown bench/RESULTS.md] [--profile DIR] [--rt PRIO | --rt 0 --nice N]
 
 Each relay runs as its own process pinned to one core (taskset), a fresh one
@@ -42,8 +42,11 @@ BENCH_SITE = ROOT / ".venv" / "bench-site"
 if BENCH_SITE.is_dir():
     sys.path.insert(0, str(BENCH_SITE))
 
+from bench.downlink import downlink50  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
 from bench.scenarios import SCENARIOS, Hooks, Params, Relay  # noqa: E402
+
+SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
 
 RELAYS = ("relayd", "naive", "floor")
 # Not run by default: relayd with [relay] history = 0, for the cost of history
@@ -128,6 +131,22 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("p99_ms", "", None),
         ("relay_cpu_pct", "", None),
     ],
+    "downlink50": [
+        ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
+        ("uplink_p99_ratio", "≤ 1.2", _le("uplink_p99_ratio", 1.2)),
+        ("uplink_p99_base_ms", "", None),
+        ("p99_ms", "", None),
+        ("cmd_p50_ms", "", None),
+        ("cmd_max_ms", "", None),
+        ("commands_sent", "", None),
+        ("command_errors", "0", _le("command_errors", 0)),
+        ("commands_unanswered", "0", _le("commands_unanswered", 0)),
+        ("device_reads", "", None),
+        ("device_reads_expected", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+    ],
     "slow": [
         ("healthy_ratio", "≥ 0.99", _ge("healthy_ratio", 0.99)),
         ("p99_base_ms", "", None),
@@ -173,6 +192,7 @@ def free_ports(n: int) -> list[int]:
 def relayd_config(
     path: Path, ws_port: int, tcp_port: int, drain_timeout: float, history: int = 1000
 ) -> None:
+    [commands_port] = free_ports(1)
     path.write_text(
         f"""[http]
 host = "{HOST}"
@@ -193,6 +213,12 @@ port = {tcp_port}
 host = "{HOST}"
 framing = "lines"
 max_connections = 5000
+downlink = true
+
+[[ports]]  # no devices: downlink50's command clients subscribe to it
+port = {commands_port}
+host = "{HOST}"
+name = "commands"
 """
     )
 

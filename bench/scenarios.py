@@ -137,8 +137,18 @@ async def throughput(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     }
 
 
-async def fanout(r: Relay, P: Params, hooks: Hooks, clients: int) -> dict[str, Any]:
-    """fanout_devices devices at fanout_rate lines/s each, `clients` clients."""
+async def fanout(
+    r: Relay,
+    P: Params,
+    hooks: Hooks,
+    clients: int,
+    connect_devices: Callable[..., Awaitable[list[lg.Producer]]] | None = None,
+) -> dict[str, Any]:
+    """fanout_devices devices at fanout_rate lines/s each, `clients` clients.
+
+    ``connect_devices``: instead of loadgen.connect_producers (bench/downlink.py's
+    devices also read commands).
+    """
     lat = lg.Latency()
     fmt = lg.line_format(P.line_len)
     nd = P.fanout_devices
@@ -148,7 +158,7 @@ async def fanout(r: Relay, P: Params, hooks: Hooks, clients: int) -> dict[str, A
     cons = await lg.connect_consumers(
         clients, lat, nd, P.line_len, r.host, r.ws_port, poller=poller
     )
-    prods = await lg.connect_producers(nd, fmt, r.host, r.tcp_port)
+    prods = await (connect_devices or lg.connect_producers)(nd, fmt, r.host, r.tcp_port)
     sampler = Sampler(r.pid)
     sampler.start()
     loop = asyncio.get_running_loop()

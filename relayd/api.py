@@ -40,6 +40,11 @@ logger = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024  # bytes: admin requests are small JSON objects
 
 
+def send_body_limit(max_message: int) -> int:
+    """The largest ``/send`` body: ``max_message`` bytes in base64, a peer and the keys."""
+    return 4 * -(-max_message // 3) + 1024
+
+
 class ErrorOut(BaseModel):
     detail: str = Field(examples=["port 8004: address already in use"])
 
@@ -213,7 +218,9 @@ def create_router(runtime: Runtime) -> APIRouter:
         if (body.data is None) == (body.data_b64 is None):
             raise _invalid('give exactly one of "data" and "data_b64"')
         if body.data is not None:
-            data = body.data.encode()
+            # as /ws does (relayd.downlink.parse_command): a lone surrogate that JSON
+            # can spell ("\ud800") is passed through, not a 500
+            data = body.data.encode("utf-8", "surrogatepass")
         else:
             try:
                 data = base64.b64decode(body.data_b64 or "", validate=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -74,21 +74,37 @@ class BodyLimit:
     as soon as the count passes the limit (a chunked body has no length). A
     non-empty admin request body without a JSON ``Content-Type`` is refused with
     415 (FastAPI versions differ on untyped bodies). Nothing in relayd takes a
-    large body, so a client cannot make the daemon buffer one.
+    large body, so a client cannot make the daemon buffer one; but for
+    ``POST /v1/ports/{port}/send``, whose limit follows ``relay.max_message``
+    (``send_body``), so that a message as large as a device may be sent fits.
     """
 
-    def __init__(self, app: ASGIApp, max_body: int = api.MAX_BODY) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body: int = api.MAX_BODY,
+        send_body: Callable[[], int] | None = None,
+    ) -> None:
         self.app = app
         self.max_body = max_body
+        self.send_body = send_body
+
+    def limit(self, scope: Scope) -> int:
+        if self.send_body is not None and scope["method"] == "POST":
+            parts = scope["path"].split("/")  # "", "v1", "ports", "8001", "send"
+            if len(parts) == 5 and parts[1:3] == ["v1", "ports"] and parts[4] == "send":
+                return max(self.max_body, self.send_body())
+        return self.max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
+        limit = self.limit(scope)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            await self._too_large(scope, receive, send)
+        if length.isdigit() and int(length) > limit:
+            await self._too_large(limit, scope, receive, send)
             return
         body = bytearray()
         while True:
@@ -96,8 +112,8 @@ class BodyLimit:
             if message["type"] != "http.request":
                 return  # the client went away before its body arrived
             body += message.get("body", b"")
-            if len(body) > self.max_body:
-                await self._too_large(scope, receive, send)
+            if len(body) > limit:
+                await self._too_large(limit, scope, receive, send)
                 return
             if not message.get("more_body", False):
                 break
@@ -123,9 +139,9 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _too_large(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
-            {"detail": f"the request body is larger than {self.max_body} bytes"},
+            {"detail": f"the request body is larger than {limit} bytes"},
             status_code=413,
             headers={"Connection": "close"},
         )
@@ -195,6 +211,9 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
 
     app.include_router(statuspage.create_router(runtime))
     api.install(app, runtime)
-    app.add_middleware(BodyLimit)  # inside the gate: refused requests are not read at all
+    # Inside the gate: refused requests are not read at all.
+    app.add_middleware(
+        BodyLimit, send_body=lambda: api.send_body_limit(runtime.settings.relay.max_message)
+    )
     app.add_middleware(AdminGate, token=admin_token)
     return app

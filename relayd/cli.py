@@ -24,6 +24,8 @@ from relayd.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
     JsonOption,
+    PortArgument,
+    check_port,
     count,
     draining_note,
     escape_message,
@@ -39,6 +41,7 @@ from relayd.cli_output import (
     seconds,
     text,
 )
+from relayd.cli_send import send
 from relayd.cli_tokens import tokens_app
 from relayd.cli_transport import (
     DEFAULT_SOCKET,
@@ -79,25 +82,14 @@ class Framing(StrEnum):
 # typer 0.15 escapes "[...]" in plain help and typer 0.29 renders types oddly.
 
 
-def _check_port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise typer.BadParameter(f"{value} is not a port number (1-65535)")
-    return value
-
-
 def _check_ports(values: list[int] | None) -> list[int]:
-    return [_check_port(v) for v in values or []]
+    return [check_port(v) for v in values or []]
 
 
 def _check_positive(value: int | None) -> int | None:
     if value is not None and value < 1:
         raise typer.BadParameter(f"{value} is less than 1")
     return value
-
-
-PortArgument = Annotated[
-    int, typer.Argument(metavar="PORT", callback=_check_port, show_default=False, hidden=True)
-]  # hidden: the "[required]" line; each docstring says what PORT is
 
 
 def _source(ctx: typer.Context, name: str) -> str:
@@ -421,6 +413,9 @@ def tail(
         _silence_stdout()
         raise typer.Exit(0) from None
     fail(message, code)
+
+
+app.command("send")(send)
 
 
 def _print_message(message: str | bytes) -> None:

@@ -26,6 +26,17 @@ JsonOption = Annotated[
 ]
 
 
+def check_port(value: int) -> int:
+    if not 1 <= value <= 65535:
+        raise typer.BadParameter(f"{value} is not a port number (1-65535)")
+    return value
+
+
+PortArgument = Annotated[
+    int, typer.Argument(metavar="PORT", callback=check_port, show_default=False, hidden=True)
+]  # hidden: the "[required]" line; each docstring says what PORT is
+
+
 def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     """Print one ``relayctl: …`` line on stderr and exit with ``code``."""
     note(message)

@@ -142,6 +142,8 @@ class FakeState:
             ),
         }
     )
+    # downlink: the ports with downlink = true and how many devices take a write
+    downlink: dict[int, int] = field(default_factory=lambda: {8001: 2})
     seen: list[Seen] = field(default_factory=list)
 
     def answer(
@@ -194,6 +196,8 @@ class FakeState:
             if name not in self.tokens:
                 return 404, {"detail": f"no token named {name!r}"}
             return 200, self.tokens.pop(name)
+        if len(parts) == 4 and parts[:2] == ["v1", "ports"] and parts[3] == "send":
+            return self._send(int(parts[2]), payload)
         if len(parts) == 3 and parts[:2] == ["v1", "ports"] and parts[2].isdigit():
             port = int(parts[2])
             if port not in self.ports:
@@ -214,6 +218,21 @@ class FakeState:
             return 409, {"detail": f"port {port}: address already in use"}
         self.ports[port] = port_object(port, **{k: v for k, v in body.items() if k != "port"})
         return 201, self.ports[port]
+
+    def _send(self, port: int, body: Any) -> tuple[int, Any]:
+        """POST /v1/ports/{port}/send as relayd(8) has it, but for the devices."""
+        if not isinstance(body, dict) or set(body) - {"data", "data_b64", "peer"}:
+            return 422, {"detail": "invalid request: unknown field"}
+        if ("data" in body) == ("data_b64" in body):
+            return 422, {"detail": 'invalid request: give exactly one of "data" and "data_b64"'}
+        if port not in self.ports:
+            return 404, {"detail": f"port {port} is not a listener"}
+        if port not in self.downlink:
+            return 409, {"detail": f"port {port}: downlink is off on port {port}"}
+        peer = body.get("peer")
+        if peer is not None and peer != "192.0.2.7:51234":
+            return 409, {"detail": f"port {port}: no peer {peer} is connected to port {port}"}
+        return 200, {"delivered": 1 if peer else self.downlink[port]}
 
     def _add_token(self, body: Any) -> tuple[int, Any]:
         """POST /v1/tokens as relayd(8) has it, checks and all."""
@@ -490,11 +509,14 @@ def invoke(
     args: list[str],
     transport: httpx.BaseTransport | None = None,
     env: Mapping[str, str | None] | None = None,
+    input: bytes | None = None,
 ) -> Result:
     kwargs: dict[str, Any] = {}
     if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
         kwargs["mix_stderr"] = False  # click 8.1 (typer 0.15); later ones keep them apart
-    result = CliRunner(**kwargs).invoke(cli.app, args, obj=transport, env=NO_ENV | dict(env or {}))
+    result = CliRunner(**kwargs).invoke(
+        cli.app, args, input=input, obj=transport, env=NO_ENV | dict(env or {})
+    )
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
@@ -630,7 +652,7 @@ def test_version() -> None:
 
 HELP_LEVELS = ["", "status", "reload", "tail", "ports", "ports list", "ports show"]
 HELP_LEVELS += ["ports add", "ports remove", "tokens", "tokens list", "tokens add"]
-HELP_LEVELS += ["tokens remove"]
+HELP_LEVELS += ["tokens remove", "send"]
 
 
 @pytest.mark.parametrize("command", HELP_LEVELS)
@@ -811,6 +833,11 @@ def test_a_validation_error_list_becomes_one_line() -> None:
         ["ports", "remove", "0"],
         ["tail", "--port", "0"],
         ["tail", "--port", "8001", "-p", "65536"],
+        ["send", "0", "T"],
+        ["send", "8001"],
+        ["send", "8001", "T", "--file", "-"],
+        ["send", "8001", "--peer", "192.0.2.7:51234"],
+        ["send", "8001", "--file", "/nonexistent/command"],
         ["ports", "frobnicate"],
         ["status", "--bogus"],
         ["--url", "ftp://host", "status"],

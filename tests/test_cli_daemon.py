@@ -382,6 +382,57 @@ async def test_tail_prints_messages_until_ctrl_c_or_the_daemon_stops(
         assert "relayd closed the connection (going away" in gone.err
 
 
+# --- send: a device reads what relayctl wrote ---------------------------------------
+
+
+async def read_exactly(reader: asyncio.StreamReader, n: int) -> bytes:
+    async with asyncio.timeout(5_000 * MS):
+        return await reader.readexactly(n)
+
+
+async def test_send_reaches_the_devices(tmp_path: Path, notify: NotifySocket) -> None:
+    port = free_port()
+    extra = f'[[ports]]\nport = {port}\nhost = "127.0.0.1"\ndownlink = true\n'
+    async with relayd(tmp_path, notify, nports=1, extra=extra) as d:
+        (r1, w1), (r2, w2) = [await asyncio.open_connection("127.0.0.1", port) for _ in "12"]
+        try:
+            await wait_until(lambda: len(d.runtime.registry.get(port).connections) == 2)
+            assert await ctl(d, "send", str(port), "TARE") == Result(0, "sent to 2 device(s)\n", "")
+            for reader in (r1, r2):
+                assert await read_exactly(reader, 5) == b"TARE\n"  # lines: a newline added
+
+            peer = f"127.0.0.1:{w2.get_extra_info('sockname')[1]}"
+            one = await ctl(d, "send", str(port), "ZERO", "--peer", peer)
+            assert one == Result(0, "sent to 1 device(s)\n", "")
+            assert await read_exactly(r2, 5) == b"ZERO\n"
+
+            # Bytes that are not UTF-8, from a pipe, up to what a device may be sent
+            # (relay.max_message): they go as data_b64 and arrive unchanged.
+            blob = bytes(range(256)) * 255 + b"\n"
+            proc = await asyncio.create_subprocess_exec(
+                RELAYCTL, "--socket", str(d.admin_socket), "send", str(port), "--file", "-",
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                env=ctl_env(),
+            )  # fmt: skip
+            async with asyncio.timeout(RUN_TIMEOUT):
+                out, err = await proc.communicate(blob)
+            assert (proc.returncode, out, err) == (0, b"sent to 2 device(s)\n", b"")
+            for reader in (r1, r2):
+                assert await read_exactly(reader, len(blob)) == blob
+
+            refused(
+                await ctl(d, "send", str(d.ports[0]), "TARE"),
+                f"port {d.ports[0]}: downlink is off on port {d.ports[0]}",
+            )
+            refused(
+                await ctl(d, "send", str(port), "TARE", "--peer", "192.0.2.1:1"),
+                f"port {port}: no peer 192.0.2.1:1 is connected to port {port}",
+            )
+        finally:
+            w1.close()
+            w2.close()
+
+
 # --- --url and --token, with admin.token_file set; SIGTERM during tail ----------------
 
 

@@ -14,10 +14,13 @@ import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from relayd.api import MAX_BODY, send_body_limit
 from relayd.downlink import Command, Refusal, parse_command
 from tests.helpers import MS, NotifySocket, free_port, run_daemon, wait_until
 
 pytestmark = pytest.mark.anyio
+
+JSON = {"content-type": "application/json"}
 
 
 def downlink_ports(*ports: int, framing: str = "lines", extra: str = "") -> str:
@@ -212,3 +215,55 @@ async def test_admin_send_validation(tmp_path: Path, notify: NotifySocket) -> No
         assert none.status_code == 409 and "no device" in none.json()["detail"]
         async with httpx.AsyncClient() as client:  # not on [http] without the admin token
             assert (await client.post(f"{d.url}/v1/ports/{port}/send", json={})).status_code == 404
+
+
+async def test_admin_send_takes_a_message_of_max_message_bytes(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    # In base64 a max_message (65536 bytes) message is larger than the 64 KiB
+    # other admin bodies may be: the limit of /send follows relay.max_message.
+    port = free_port()
+    extra = downlink_ports(port, framing="raw")
+    async with run_daemon(tmp_path, notify, extra=extra) as d, d.admin() as admin:
+        reader, writer = await device(port)
+        try:
+            await connected(d, port, 1)
+            data = bytes(range(256)) * 256
+            body = json.dumps({"data_b64": b64(data)}).encode()
+            assert len(body) > MAX_BODY
+            sent = await admin.post(f"/v1/ports/{port}/send", content=body, headers=JSON)
+            assert (sent.status_code, sent.json()) == (200, {"delivered": 1})
+            assert await read_exactly(reader, len(data)) == data
+            limit = send_body_limit(65536)
+            padded = body[:-1] + b" " * (limit + 1 - len(body)) + b"}"  # one byte too long
+            over = await admin.post(f"/v1/ports/{port}/send", content=padded, headers=JSON)
+            assert over.status_code == 413
+            assert over.json() == {"detail": f"the request body is larger than {limit} bytes"}
+            fits = padded[: limit - 1] + b"}"
+            assert len(fits) == limit and json.loads(fits)
+            ok = await admin.post(f"/v1/ports/{port}/send", content=fits, headers=JSON)
+            assert ok.status_code == 200, ok.text
+            assert await read_exactly(reader, len(data)) == data
+            # Other admin routes keep their 64 KiB.
+            big = await admin.post("/v1/ports", content=b" " * (MAX_BODY + 1), headers=JSON)
+            assert big.status_code == 413
+        finally:
+            writer.close()
+
+
+async def test_admin_send_passes_a_lone_surrogate_as_ws_does(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    port = free_port()
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d, d.admin() as admin:
+        reader, writer = await device(port)
+        try:
+            await connected(d, port, 1)
+            lone = b'{"data": "\\ud800"}'  # valid JSON, but no UTF-8 for it: was a 500
+            answer = await admin.post(f"/v1/ports/{port}/send", content=lone, headers=JSON)
+            assert answer.json() == {"delivered": 1}
+            expected = parse_command(b'{"port": 1, "data": "\\ud800"}')
+            assert isinstance(expected, Command)  # what a /ws client's command writes
+            assert await read_exactly(reader, 4) == expected.data + b"\n" == b"\xed\xa0\x80\n"
+        finally:
+            writer.close()

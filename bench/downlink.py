@@ -1,0 +1,219 @@
+"""downlink50 (issue 12): commands from clients to devices while fanout50 runs.
+
+Two phases on one relay process: fanout50 alone (the baseline), then fanout50
+again while ``downlink_clients`` clients each send ``downlink_rate`` commands/s
+to the ``fanout_devices`` devices. A command goes to every device of the port,
+so each device reads ``downlink_clients * downlink_rate`` commands/s.
+
+The command clients use the JSON format on a connection subscribed to the
+relay's second, device-less port (``commands``, found in ``/status.json``),
+so they add no uplink fan-out of their own; each command names the devices'
+port. A command carries its send time; the device that reads it records the
+round trip (client send -> device read) in a ``loadgen.Latency``.
+
+Only relayd has a downlink: the reference relays report ``downlink_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import urllib.request
+from typing import Any
+
+from bench import loadgen as lg
+from bench.scenarios import Hooks, Params, Relay, fanout
+
+CLIENTS = 50
+RATE = 100.0  # commands/s per client
+COMMAND = "C%03d %07d %016d"  # client, seq, send time (µs, monotonic): 33 bytes + "\n"
+
+
+class CommandDevice(lg.Producer):
+    """A device of the fan-out that also reads the commands written to it."""
+
+    def __init__(self, pid: int, fmt: bytes, lat: lg.Latency) -> None:
+        super().__init__(pid, fmt)
+        self.lat = lat
+        self.read = 0  # commands read
+        self.bad = 0
+        self._carry = b""
+
+    def close(self) -> None:
+        """Not yet when fanout() is done: commands may still be on their way."""
+
+    def close_now(self) -> None:
+        super().close()
+
+    def data_received(self, data: bytes) -> None:
+        now = lg.mono_ns() // 1000
+        lines = (self._carry + data).split(b"\n")
+        self._carry = lines.pop()
+        lat = self.lat
+        for line in lines:
+            if line == b"P":  # _all_connected's probe
+                continue
+            try:
+                ts = int(line[13:29])
+            except ValueError:
+                self.bad += 1
+                continue
+            self.read += 1
+            if lat.on:
+                d = max(0, now - ts)
+                lat.max_us = max(lat.max_us, d)
+                if d // 10 < lg.Latency.BUCKETS:
+                    lat.hist[d // 10] += 1
+                else:
+                    lat.over.append(d)
+
+
+def _command_port(r: Relay) -> int:
+    with urllib.request.urlopen(f"http://{r.host}:{r.ws_port}/status.json", timeout=5) as resp:
+        ports = [p["port"] for p in json.load(resp)["ports"]]
+    others = [p for p in ports if p != r.tcp_port]
+    if not others:
+        raise RuntimeError("the relay has no second port for the command clients")
+    return others[0]
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.sent = 0
+        self.acked = 0
+        self.errors = 0
+        self.first_error: str | None = None
+
+
+async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.0) -> None:
+    """Until a probe reaches every device: relayd has accepted them all."""
+    from websockets.asyncio.client import connect
+
+    async with asyncio.timeout(timeout), connect(url, compression=None) as ws:
+        while True:
+            await ws.send(json.dumps({"port": port, "data": "P"}))
+            if json.loads(await ws.recv()).get("delivered") == devices:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def _commander(cid: int, url: str, port: int, start: float, until: float, n: Counts) -> None:
+    """One client: RATE commands/s to ``port`` from ``start`` to ``until``, answers counted."""
+    from websockets.asyncio.client import connect
+
+    async with connect(url, max_queue=None, compression=None) as ws:
+        sent = answered = 0
+        finished = False
+        all_answered = asyncio.Event()
+
+        async def answers() -> None:
+            nonlocal answered
+            async for message in ws:
+                answer = json.loads(message)
+                answered += 1
+                if "ack" in answer:
+                    n.acked += 1
+                else:
+                    n.errors += 1
+                    n.first_error = n.first_error or str(answer.get("error"))[:200]
+                if finished and answered >= sent:
+                    all_answered.set()
+
+        reader = asyncio.create_task(answers())
+        try:
+            while (now := time.monotonic()) < until:
+                for _ in range(int((now - start) * RATE) + 1 - sent):
+                    text = COMMAND % (cid, sent, lg.mono_ns() // 1000)
+                    await ws.send(json.dumps({"port": port, "data": text}))
+                    sent += 1
+                await asyncio.sleep(max(0.001, start + sent / RATE - time.monotonic()))
+            n.sent += sent
+            finished = True
+            if answered >= sent:
+                all_answered.set()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_answered.wait(), 5.0)
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+
+async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    base = await fanout(r, P, hooks, P.fanout_clients[0])
+    out: dict[str, Any] = {
+        "uplink_p99_base_ms": base.get("p99_ms"),
+        "downlink_clients": CLIENTS,
+        "downlink_rate": RATE,
+    }
+    try:
+        cmd_port = _command_port(r)
+    except Exception as e:  # the reference relays: no /status.json, no downlink
+        out["downlink_error"] = f"{type(e).__name__}: {e}"[:200]
+        return out | base
+
+    cmd_lat = lg.Latency()
+    devices: list[CommandDevice] = []
+    connected = asyncio.Event()
+
+    async def connect_devices(nd: int, fmt: bytes, host: str, port: int) -> list[lg.Producer]:
+        for pid in range(nd):
+            dev: CommandDevice = await lg._connect(
+                lambda pid=pid: CommandDevice(pid, fmt, cmd_lat), host, port
+            )
+            devices.append(dev)
+        connected.set()
+        return list(devices)
+
+    n = Counts()
+    url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"
+
+    async def commands() -> None:
+        await asyncio.wait_for(connected.wait(), 60.0)  # fanout() connects them first
+        await _all_connected(url, r.tcp_port, P.fanout_devices)
+        start = time.monotonic()
+        until = start + P.warmup + P.fanout_s  # as long as fanout()'s devices send
+        window = asyncio.get_running_loop().call_later(P.warmup, setattr, cmd_lat, "on", True)
+        try:
+            await asyncio.gather(
+                *(
+                    _commander(i, url, r.tcp_port, start + i / (CLIENTS * RATE), until, n)
+                    for i in range(CLIENTS)
+                )
+            )
+        finally:
+            window.cancel()
+            cmd_lat.on = False
+
+    sender = asyncio.create_task(commands())
+    try:
+        loaded = await fanout(r, P, hooks, P.fanout_clients[0], connect_devices=connect_devices)
+    finally:
+        try:
+            await sender
+        finally:
+            for dev in devices:
+                dev.close_now()
+    read = sum(d.read for d in devices)
+    up99, base99 = loaded.get("p99_ms"), base.get("p99_ms")
+    out.update(
+        {
+            **loaded,
+            "commands_sent": n.sent,
+            "commands_acked": n.acked,
+            "command_errors": n.errors,
+            "first_error": n.first_error,
+            "device_reads": read,
+            "commands_unanswered": n.sent - n.acked - n.errors,  # after 5 s
+            "device_reads_expected": n.sent * P.fanout_devices,  # were none refused
+            "device_reads_bad": sum(d.bad for d in devices),
+            "cmd_n": cmd_lat.n,
+            "cmd_p50_ms": lg._r(cmd_lat.percentile(0.5)),
+            "cmd_p99_ms": lg._r(cmd_lat.percentile(0.99)),
+            "cmd_max_ms": lg._r(cmd_lat.max_us / 1000 if cmd_lat.n else None),
+            "uplink_p99_ratio": round(up99 / base99, 2) if up99 and base99 else None,
+        }
+    )
+    return out
