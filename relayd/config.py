@@ -124,7 +124,10 @@ class PortSettings(_Model):
     port: PortNumber
     host: Host = "0.0.0.0"  # [defaults] host where the file names none (Settings)
     name: Annotated[str, Field(max_length=128)] | None = None
-    framing: Literal["lines", "raw"] = "lines"
+    framing: Literal["lines", "raw", "delimiter", "length", "fixed"] = "lines"
+    delimiter: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    length_prefix: Literal["u8", "u16be", "u16le", "u32be", "u32le"] | None = None
+    size: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] | None = None
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     keepalive: bool = True
     idle_timeout: Annotated[float, Field(ge=0, le=86400 * 365)] = 0.0
@@ -143,6 +146,27 @@ class PortSettings(_Model):
         if not self.tls and (self.tls_cert or self.client_ca):
             raise ValueError("tls_cert, tls_key and client_ca need tls = true")
         return self
+
+    @model_validator(mode="after")
+    def _framing_keys(self) -> Self:
+        """Each framing's own key is required with it and refused without it."""
+        own = {"delimiter": "delimiter", "length": "length_prefix", "fixed": "size"}
+        for framing, key in own.items():
+            given = getattr(self, key) is not None
+            if self.framing == framing and not given:
+                raise ValueError(f'{key} is required with framing = "{framing}"')
+            if self.framing != framing and given:
+                raise ValueError(f'{key} needs framing = "{framing}"')
+        if self.delimiter is not None and max(map(ord, self.delimiter)) > 0xFF:
+            raise ValueError(
+                'delimiter: each character is one byte, \\u0000 to \\u00ff (e.g. "\\u0003")'
+            )
+        return self
+
+    @property
+    def delimiter_bytes(self) -> bytes | None:
+        """``delimiter`` as bytes: each character U+0000..U+00FF is the byte of that value."""
+        return None if self.delimiter is None else self.delimiter.encode("latin-1")
 
 
 class Settings(_Model):
@@ -181,6 +205,12 @@ class Settings(_Model):
                     f"port {port.port}: tls = true needs tls_cert and tls_key, "
                     "on the port or in [http]"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _frame_sizes(self) -> Self:
+        for index, port in enumerate(self.ports):
+            check_frame_size(port, self.relay.max_message, f"ports[{index}].size")
         return self
 
     @model_validator(mode="after")
@@ -235,6 +265,12 @@ class Settings(_Model):
         if problems:
             raise ConfigError(problems)
         return settings
+
+
+def check_frame_size(port: PortSettings, max_message: int, key: str = "size") -> None:
+    """A ``fixed`` frame must fit in one message: ``size`` up to ``relay.max_message``."""
+    if port.size is not None and port.size > max_message:
+        raise ValueError(f"{key}: {port.size} is over relay.max_message ({max_message})")
 
 
 def _table(value: object) -> dict[str, Any]:

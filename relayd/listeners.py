@@ -141,7 +141,14 @@ class DeviceConnection(asyncio.Protocol):
         self.source: Source | None = None
         self.peer = "?"
         self.device: str | None = None  # the TLS client certificate's CN
-        self.framer = make_framer(listener.settings.framing, max_message=listener.max_message)
+        settings = listener.settings
+        self.framer = make_framer(
+            settings.framing,
+            max_message=listener.max_message,
+            delimiter=settings.delimiter_bytes,
+            length_prefix=settings.length_prefix,
+            size=settings.size,
+        )
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -267,6 +274,8 @@ class DeviceConnection(asyncio.Protocol):
         return True
 
     def _framing_error(self, error: FramingError) -> None:
+        errors = self.listener.framing_errors
+        errors[error.reason] = errors.get(error.reason, 0) + 1
         logger.warning(
             "port %d: device %s: framing error %s: %s",
             self.listener.port,
@@ -325,6 +334,7 @@ class Listener:
         self.messages_received = 0
         self.bytes_received = 0
         self.rejected: dict[RejectReason, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.framing_errors: dict[str, int] = {}  # by reason (relayd.framing)
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()

@@ -41,14 +41,21 @@ class RelayCollector(Collector):
             "Device connections refused, by reason (max_connections, not_allowed, tls, draining)",
             labels=["port", "reason"],
         )
+        framing = CounterMetricFamily(
+            "relayd_framing_errors",
+            "Device streams that broke their framing, by reason (too_long, partial)",
+            labels=["port", "reason"],
+        )
         for listener in listeners:
             port = [str(listener.port)]
+            for why, count in listener.framing_errors.items():
+                framing.add_metric([*port, why], count)
             connections.add_metric(port, len(listener.connections))
             received.add_metric(port, listener.messages_received)
             received_bytes.add_metric(port, listener.bytes_received)
             for why, count in listener.rejected.items():
                 rejected.add_metric([*port, why], count)
-        yield from (connections, received, received_bytes, rejected)
+        yield from (connections, received, received_bytes, rejected, framing)
         history = GaugeMetricFamily(
             "relayd_history_bytes",
             "Bytes of messages kept for ?last and ?since, per port (relay.history_max_bytes)",

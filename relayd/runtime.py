@@ -20,7 +20,7 @@ from typing import Literal
 
 from relayd import __version__, tls
 from relayd.access import Access, load_jwt
-from relayd.config import PortSettings, Settings
+from relayd.config import PortSettings, Settings, check_frame_size
 from relayd.downlink import Downlink
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
@@ -280,6 +280,10 @@ class Runtime:
                 raise Stopping
             if settings.port in self.registry:
                 raise ListenerExists(settings.port)
+            try:
+                check_frame_size(settings, self.settings.relay.max_message)
+            except ValueError as exc:
+                raise ConfigError([str(exc)]) from None
             _, contexts = self._tls_contexts(self.settings, [settings])
             sock = bind(settings)
             new_state = self.state.with_added(settings)
