@@ -58,6 +58,12 @@ def _origin(value: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
+def _host_port(value: str) -> str:
+    """``connect``: ``HOST:PORT`` or ``[V6]:PORT``."""
+    parse_host_port(value)
+    return value
+
+
 Network = Annotated[str, Field(max_length=64), AfterValidator(_network)]
 Origin = Annotated[str, Field(max_length=512), AfterValidator(_origin)]
 
@@ -138,6 +144,36 @@ class PortSettings(_Model):
     client_ca: FilePath | None = None
     downlink: bool = False
     downlink_buffer: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 65536
+    # A source that is not a listener (relayd.toml(5), SOURCES): relayd dials
+    # ``connect``, or reads the serial line ``serial`` with the settings after it.
+    connect: Annotated[str, Field(max_length=300), AfterValidator(_host_port)] | None = None
+    serial: FilePath | None = None
+    baudrate: Annotated[int, Field(ge=50, le=4_000_000)] = 9600
+    bytesize: Literal[5, 6, 7, 8] = 8
+    parity: Literal["none", "even", "odd"] = "none"
+    stopbits: Literal[1, 2] = 1
+
+    @property
+    def source_kind(self) -> Literal["listen", "connect", "serial"]:
+        if self.connect is not None:
+            return "connect"
+        if self.serial is not None:
+            return "serial"
+        return "listen"
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> Self:
+        if self.connect is not None and self.serial is not None:
+            raise ValueError("connect and serial exclude each other: a port is one source")
+        if self.source_kind != "listen":
+            key = self.source_kind
+            if self.host not in ("0.0.0.0", None):  # None: PortIn (the admin API) left it out
+                raise ValueError(f"host is for listeners: a {key} source has none")
+            if self.allow:
+                raise ValueError(f"allow is for listeners: a {key} source has none")
+            if self.tls:
+                raise ValueError(f"tls is for listeners: a {key} source has none")
+        return self
 
     @model_validator(mode="after")
     def _tls_files(self) -> Self:
@@ -169,6 +205,9 @@ class PortSettings(_Model):
         return None if self.delimiter is None else self.delimiter.encode("latin-1")
 
 
+_NO_HOST = {"host", "connect", "serial"}  # entries that take no [defaults] host
+
+
 class Settings(_Model):
     http: HttpSettings = HttpSettings()
     admin: AdminSettings = AdminSettings()
@@ -191,7 +230,7 @@ class Settings(_Model):
             data = {
                 **data,
                 "ports": [
-                    {"host": host, **p} if isinstance(p, dict) and "host" not in p else p
+                    {"host": host, **p} if isinstance(p, dict) and not p.keys() & _NO_HOST else p
                     for p in ports
                 ],
             }
