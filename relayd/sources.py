@@ -21,6 +21,8 @@ import socket
 from collections.abc import Awaitable
 from typing import TypeVar
 
+import serial
+
 from relayd.config import PortSettings, parse_host_port
 from relayd.listeners import (
     DeviceConnection,
@@ -33,6 +35,8 @@ from relayd.listeners import (
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+READ_SIZE = 65536  # bytes asked of a serial line per read
 
 
 class Backoff:
@@ -183,10 +187,153 @@ class ConnectSource(RetryingSource):
         return super().describe(exc)
 
 
+PARITY = {"none": "N", "even": "E", "odd": "O"}  # pyserial's names
+
+
+class SerialSource(RetryingSource):
+    """``serial = "/dev/ttyUSB0"``: a serial line, reopened after it vanishes."""
+
+    kind: SourceKind = "serial"
+
+    @property
+    def target(self) -> str:
+        return self.settings.serial or "?"
+
+    async def _attempt(self) -> None:
+        settings = self.settings
+        line = serial.Serial()  # configured first, then opened: O_NONBLOCK, termios set
+        line.port = settings.serial
+        line.baudrate = settings.baudrate
+        line.bytesize = settings.bytesize
+        line.parity = PARITY[settings.parity]
+        line.stopbits = settings.stopbits
+        line.timeout = 0
+        line.write_timeout = 0
+        line.exclusive = True  # one reader: a second relayd (or a getty) is an error, not a race
+        line.open()
+        try:
+            os.set_blocking(line.fileno(), False)
+            SerialTransport(asyncio.get_running_loop(), line, DeviceConnection(self))
+        except BaseException:
+            line.close()
+            raise
+
+
+class SerialTransport(asyncio.Transport):
+    """A serial line's fd as a transport, read and written by the event loop itself.
+
+    A read error (the adapter was unplugged: EIO) or end of file ends the
+    connection; ``close`` drops data not yet written.
+    """
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, line: serial.Serial, protocol: asyncio.Protocol
+    ) -> None:
+        super().__init__(extra={"peername": line.port})
+        self._loop = loop
+        self._line = line
+        self._fd: int = line.fileno()
+        self._protocol = protocol
+        self._buffer = bytearray()
+        self._closing = False
+        self._closed = False
+        self._reading = True
+        protocol.connection_made(self)
+        if not self._closing:
+            loop.add_reader(self._fd, self._read_ready)
+
+    def _read_ready(self) -> None:
+        try:
+            data = os.read(self._fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        if not data:
+            self._fatal(None)
+            return
+        self._protocol.data_received(data)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._closing or not data:
+            return
+        if not self._buffer:
+            try:
+                n = os.write(self._fd, data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                self._fatal(exc)
+                return
+            if n == len(data):
+                return
+            data = memoryview(data)[n:]
+            self._loop.add_writer(self._fd, self._write_ready)
+        self._buffer += data
+
+    def _write_ready(self) -> None:
+        try:
+            n = os.write(self._fd, self._buffer)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fatal(exc)
+            return
+        del self._buffer[:n]
+        if not self._buffer:
+            self._loop.remove_writer(self._fd)
+
+    def get_write_buffer_size(self) -> int:
+        return len(self._buffer)
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        if self._reading and not self._closing:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self._closing:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._read_ready)
+
+    def is_reading(self) -> bool:
+        return self._reading and not self._closing
+
+    def close(self) -> None:
+        self._fatal(None)
+
+    def abort(self) -> None:
+        self._fatal(None)
+
+    def _fatal(self, exc: Exception | None) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        self._buffer.clear()
+        self._loop.call_soon(self._finish, exc)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._protocol.connection_lost(exc)
+        finally:
+            self._line.close()
+
+
 def make_source(
     settings: PortSettings, env: ListenerEnv, *, origin: Origin, max_message: int
 ) -> PortSource:
     """The source for a ``[[ports]]`` entry that does not listen."""
     if settings.source_kind == "connect":
         return ConnectSource(settings, env, origin=origin, max_message=max_message)
+    if settings.source_kind == "serial":
+        return SerialSource(settings, env, origin=origin, max_message=max_message)
     raise ValueError(f"port {settings.port}: no source for kind {settings.source_kind}")
