@@ -126,6 +126,9 @@ class DrainSettings(_Model):
     timeout: Annotated[float, Field(ge=0, le=3600)] = 5.0
 
 
+SERIAL_KEYS = ("baudrate", "bytesize", "parity", "stopbits")
+
+
 class PortSettings(_Model):
     port: PortNumber
     host: Host = "0.0.0.0"  # [defaults] host where the file names none (Settings)
@@ -148,10 +151,11 @@ class PortSettings(_Model):
     # ``connect``, or reads the serial line ``serial`` with the settings after it.
     connect: Annotated[str, Field(max_length=300), AfterValidator(_host_port)] | None = None
     serial: FilePath | None = None
-    baudrate: Annotated[int, Field(ge=50, le=4_000_000)] = 9600
-    bytesize: Literal[5, 6, 7, 8] = 8
-    parity: Literal["none", "even", "odd"] = "none"
-    stopbits: Literal[1, 2] = 1
+    # The line settings; unset is 9600 baud, 8 data bits, no parity, 1 stop bit.
+    baudrate: Annotated[int, Field(ge=50, le=4_000_000)] | None = None
+    bytesize: Literal[5, 6, 7, 8] | None = None
+    parity: Literal["none", "even", "odd"] | None = None
+    stopbits: Literal[1, 2] | None = None
 
     @property
     def source_kind(self) -> Literal["listen", "connect", "serial"]:
@@ -165,6 +169,10 @@ class PortSettings(_Model):
     def _source_keys(self) -> Self:
         if self.connect is not None and self.serial is not None:
             raise ValueError("connect and serial exclude each other: a port is one source")
+        if self.serial is None:
+            for key in SERIAL_KEYS:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} needs serial (a serial line's setting)")
         if self.source_kind != "listen":
             key = self.source_kind
             if self.host not in ("0.0.0.0", None):  # None: PortIn (the admin API) left it out

@@ -203,10 +203,10 @@ class SerialSource(RetryingSource):
         settings = self.settings
         line = serial.Serial()  # configured first, then opened: O_NONBLOCK, termios set
         line.port = settings.serial
-        line.baudrate = settings.baudrate
-        line.bytesize = settings.bytesize
-        line.parity = PARITY[settings.parity]
-        line.stopbits = settings.stopbits
+        line.baudrate = settings.baudrate or 9600
+        line.bytesize = settings.bytesize or 8
+        line.parity = PARITY[settings.parity or "none"]
+        line.stopbits = settings.stopbits or 1
         line.timeout = 0
         line.write_timeout = 0
         line.exclusive = True  # one reader: a second relayd (or a getty) is an error, not a race

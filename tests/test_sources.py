@@ -233,6 +233,7 @@ async def test_reload_redirects_a_connect_source(
         ('serial = "/dev/ttyS0"\nallow = ["10.0.0.0/8"]', "allow is for listeners"),
         ('connect = "a:1"\ntls = true', "tls is for listeners"),
         ('connect = "nocolon"', "expected HOST:PORT"),
+        ('connect = "a:1"\nbaudrate = 9600', "baudrate needs serial"),
     ],
 )
 def test_source_keys_are_checked(tmp_path: Path, entry: str, problem: str) -> None:
