@@ -31,7 +31,7 @@ from relayd.errors import (
     TokenExists,
     TokenNotFound,
 )
-from relayd.listeners import Listener
+from relayd.listeners import PortSource
 from relayd.parsing import ALL, MAX_DURATION, ports_from_json
 from relayd.runtime import Runtime
 
@@ -70,7 +70,11 @@ class PortIn(PortSettings):
 class PortOut(PortSettings):
     """A port's settings, its state and its counters."""
 
-    state: Literal["listening", "draining"]
+    kind: Literal["listen", "connect", "serial"]
+    state: Literal["listening", "connected", "connecting", "draining"]
+    last_error: str | None = Field(
+        None, description="while connecting: why the last attempt failed", examples=[None]
+    )
     source: Literal["config", "runtime"]
     connections: int
     messages_received: int
@@ -130,7 +134,7 @@ class ReloadOut(BaseModel):
     failed: list[FailedPort]
 
 
-def port_out(listener: Listener) -> PortOut:
+def port_out(listener: PortSource) -> PortOut:
     return PortOut.model_validate(listener.snapshot())
 
 
@@ -151,6 +155,8 @@ def one_sentence(errors: list[Any]) -> str:
         msg = error.get("msg", "invalid")
         if error.get("type") == "extra_forbidden":
             msg = "unknown field"
+        elif error.get("type") == "value_error" and "ctx" in error:
+            msg = str(error["ctx"].get("error", msg))  # our validators' own sentence
         elif error.get("type") == "json_invalid":
             msg = "the body is not valid JSON"
         elif error.get("type") == "missing" and not key:
@@ -192,7 +198,9 @@ def create_router(runtime: Runtime) -> APIRouter:
         responses={k: ERRORS[k] for k in (409, 413, 415, 422, 500, 503)},
     )
     async def add_port(body: PortIn) -> PortOut:
-        host = body.host or runtime.settings.defaults.host
+        host = body.host or (
+            runtime.settings.defaults.host if body.source_kind == "listen" else "0.0.0.0"
+        )
         settings = PortSettings.model_validate({**body.model_dump(), "host": host})
         listener = await runtime.add_port(settings)
         return port_out(listener)

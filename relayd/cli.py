@@ -74,6 +74,25 @@ class Framing(StrEnum):
 
     lines = "lines"
     raw = "raw"
+    delimiter = "delimiter"
+    length = "length"
+    fixed = "fixed"
+
+
+class LengthPrefix(StrEnum):
+    """The length prefix of framing ``length`` (relayd.toml(5))."""
+
+    u8 = "u8"
+    u16be = "u16be"
+    u16le = "u16le"
+    u32be = "u32be"
+    u32le = "u32le"
+
+
+class Parity(StrEnum):
+    none = "none"
+    even = "even"
+    odd = "odd"
 
 
 # --- commands --------------------------------------------------------------------
@@ -217,6 +236,10 @@ def ports_list(ctx: typer.Context, *, as_json: JsonOption = False) -> None:
     typer.echo(ports_table(port_list) if port_list else "no listener ports")
 
 
+SOURCE_KEYS = ("connect", "serial")
+FRAMING_KEYS = ("delimiter", "length_prefix", "size")
+
+
 @ports_app.command("show")
 def ports_show(ctx: typer.Context, port: PortArgument, *, as_json: JsonOption = False) -> None:
     """Show listener PORT (1-65535) in detail."""
@@ -232,10 +255,14 @@ def ports_show(ctx: typer.Context, port: PortArgument, *, as_json: JsonOption = 
             [
                 ("port", text(p.get("port"))),
                 ("name", text(p.get("name"))),
+                ("kind", text(p.get("kind", "listen"))),
                 ("host", text(p.get("host"))),
+                *[(key, text(p[key])) for key in SOURCE_KEYS if p.get(key) is not None],
                 ("framing", text(p.get("framing"))),
+                *[(key, text(p[key])) for key in FRAMING_KEYS if p.get(key) is not None],
                 ("max connections", text(p.get("max_connections"))),
                 ("state", text(p.get("state"))),
+                *([("last error", text(p["last_error"]))] if p.get("last_error") else []),
                 ("source", text(p.get("source"))),
                 ("connections", str(count(p.get("connections")))),
                 ("messages", str(count(p.get("messages_received")))),
@@ -263,10 +290,70 @@ def ports_add(
     framing: Annotated[
         Framing | None,
         typer.Option(
-            metavar="lines|raw",
+            metavar="lines|raw|delimiter|length|fixed",
             show_default=False,
-            help="lines: a message per line (default); raw: a message per read.",
+            help="lines: a message per line (default); raw: a message per read; "
+            "delimiter, length, fixed: see --delimiter, --length-prefix, --size.",
         ),
+    ] = None,
+    delimiter: Annotated[
+        str | None,
+        typer.Option(
+            metavar="TEXT",
+            show_default=False,
+            help="With --framing delimiter: the bytes between messages, e.g. $'\\x03'.",
+        ),
+    ] = None,
+    length_prefix: Annotated[
+        LengthPrefix | None,
+        typer.Option(
+            metavar="u8|u16be|u16le|u32be|u32le",
+            show_default=False,
+            help="With --framing length: the prefix that counts each payload's bytes.",
+        ),
+    ] = None,
+    size: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N",
+            callback=_check_positive,
+            show_default=False,
+            help="With --framing fixed: the bytes of each message.",
+        ),
+    ] = None,
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            show_default=False,
+            help="Dial this device (a serial device server) instead of listening.",
+        ),
+    ] = None,
+    serial: Annotated[
+        str | None,
+        typer.Option(
+            metavar="DEV",
+            show_default=False,
+            help="Read this serial line (e.g. /dev/ttyUSB0) instead of listening.",
+        ),
+    ] = None,
+    baudrate: Annotated[
+        int | None,
+        typer.Option(
+            metavar="N", callback=_check_positive, show_default=False, help="Default 9600."
+        ),
+    ] = None,
+    bytesize: Annotated[
+        int | None,
+        typer.Option(metavar="5|6|7|8", show_default=False, help="Default 8."),
+    ] = None,
+    parity: Annotated[
+        Parity | None,
+        typer.Option(metavar="none|even|odd", show_default=False, help="Default none."),
+    ] = None,
+    stopbits: Annotated[
+        int | None,
+        typer.Option(metavar="1|2", show_default=False, help="Default 1."),
     ] = None,
     max_connections: Annotated[
         int | None,
@@ -279,7 +366,7 @@ def ports_add(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Open listener PORT (1-65535) now; it persists across restarts."""
+    """Open listener PORT (1-65535) now, or a --connect or --serial source; it persists."""
     target = target_of(ctx)
     body: dict[str, Any] = {"port": port}
     if host is not None:
@@ -288,6 +375,15 @@ def ports_add(
         body["name"] = name
     if framing is not None:
         body["framing"] = framing.value
+    if delimiter is not None:
+        body["delimiter"] = delimiter
+    if length_prefix is not None:
+        body["length_prefix"] = length_prefix.value
+    if parity is not None:
+        body["parity"] = parity.value
+    optional = {"size": size, "connect": connect, "serial": serial, "baudrate": baudrate}
+    optional |= {"bytesize": bytesize, "stopbits": stopbits}
+    body |= {key: value for key, value in optional.items() if value is not None}
     if max_connections is not None:
         body["max_connections"] = max_connections
     response = call(target, "POST", "/v1/ports", body=body)

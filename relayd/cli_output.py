@@ -157,7 +157,7 @@ def ports_table(ports: list[dict[str, Any]]) -> str:
         (
             text(p.get("port")),
             text(p.get("name")),
-            text(p.get("host")),
+            text(p.get("connect") or p.get("serial") or p.get("host")),  # where its data comes from
             text(p.get("framing")),
             text(p.get("max_connections")),
             text(p.get("state")),

@@ -58,6 +58,12 @@ def _origin(value: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
+def _host_port(value: str) -> str:
+    """``connect``: ``HOST:PORT`` or ``[V6]:PORT``."""
+    parse_host_port(value)
+    return value
+
+
 Network = Annotated[str, Field(max_length=64), AfterValidator(_network)]
 Origin = Annotated[str, Field(max_length=512), AfterValidator(_origin)]
 
@@ -120,11 +126,17 @@ class DrainSettings(_Model):
     timeout: Annotated[float, Field(ge=0, le=3600)] = 5.0
 
 
+SERIAL_KEYS = ("baudrate", "bytesize", "parity", "stopbits")
+
+
 class PortSettings(_Model):
     port: PortNumber
     host: Host = "0.0.0.0"  # [defaults] host where the file names none (Settings)
     name: Annotated[str, Field(max_length=128)] | None = None
-    framing: Literal["lines", "raw"] = "lines"
+    framing: Literal["lines", "raw", "delimiter", "length", "fixed"] = "lines"
+    delimiter: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    length_prefix: Literal["u8", "u16be", "u16le", "u32be", "u32le"] | None = None
+    size: Annotated[int, Field(ge=1, le=16 * 1024 * 1024)] | None = None
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 64
     keepalive: bool = True
     idle_timeout: Annotated[float, Field(ge=0, le=86400 * 365)] = 0.0
@@ -135,6 +147,41 @@ class PortSettings(_Model):
     client_ca: FilePath | None = None
     downlink: bool = False
     downlink_buffer: Annotated[int, Field(ge=1, le=64 * 1024 * 1024)] = 65536
+    # A source that is not a listener (relayd.toml(5), SOURCES): relayd dials
+    # ``connect``, or reads the serial line ``serial`` with the settings after it.
+    connect: Annotated[str, Field(max_length=300), AfterValidator(_host_port)] | None = None
+    serial: FilePath | None = None
+    # The line settings; unset is 9600 baud, 8 data bits, no parity, 1 stop bit.
+    baudrate: Annotated[int, Field(ge=50, le=4_000_000)] | None = None
+    bytesize: Literal[5, 6, 7, 8] | None = None
+    parity: Literal["none", "even", "odd"] | None = None
+    stopbits: Literal[1, 2] | None = None
+
+    @property
+    def source_kind(self) -> Literal["listen", "connect", "serial"]:
+        if self.connect is not None:
+            return "connect"
+        if self.serial is not None:
+            return "serial"
+        return "listen"
+
+    @model_validator(mode="after")
+    def _source_keys(self) -> Self:
+        if self.connect is not None and self.serial is not None:
+            raise ValueError("connect and serial exclude each other: a port is one source")
+        if self.serial is None:
+            for key in SERIAL_KEYS:
+                if getattr(self, key) is not None:
+                    raise ValueError(f"{key} needs serial (a serial line's setting)")
+        if self.source_kind != "listen":
+            key = self.source_kind
+            if self.host not in ("0.0.0.0", None):  # None: PortIn (the admin API) left it out
+                raise ValueError(f"host is for listeners: a {key} source has none")
+            if self.allow:
+                raise ValueError(f"allow is for listeners: a {key} source has none")
+            if self.tls:
+                raise ValueError(f"tls is for listeners: a {key} source has none")
+        return self
 
     @model_validator(mode="after")
     def _tls_files(self) -> Self:
@@ -143,6 +190,30 @@ class PortSettings(_Model):
         if not self.tls and (self.tls_cert or self.client_ca):
             raise ValueError("tls_cert, tls_key and client_ca need tls = true")
         return self
+
+    @model_validator(mode="after")
+    def _framing_keys(self) -> Self:
+        """Each framing's own key is required with it and refused without it."""
+        own = {"delimiter": "delimiter", "length": "length_prefix", "fixed": "size"}
+        for framing, key in own.items():
+            given = getattr(self, key) is not None
+            if self.framing == framing and not given:
+                raise ValueError(f'{key} is required with framing = "{framing}"')
+            if self.framing != framing and given:
+                raise ValueError(f'{key} needs framing = "{framing}"')
+        if self.delimiter is not None and max(map(ord, self.delimiter)) > 0xFF:
+            raise ValueError(
+                'delimiter: each character is one byte, \\u0000 to \\u00ff (e.g. "\\u0003")'
+            )
+        return self
+
+    @property
+    def delimiter_bytes(self) -> bytes | None:
+        """``delimiter`` as bytes: each character U+0000..U+00FF is the byte of that value."""
+        return None if self.delimiter is None else self.delimiter.encode("latin-1")
+
+
+_NO_HOST = {"host", "connect", "serial"}  # entries that take no [defaults] host
 
 
 class Settings(_Model):
@@ -167,7 +238,7 @@ class Settings(_Model):
             data = {
                 **data,
                 "ports": [
-                    {"host": host, **p} if isinstance(p, dict) and "host" not in p else p
+                    {"host": host, **p} if isinstance(p, dict) and not p.keys() & _NO_HOST else p
                     for p in ports
                 ],
             }
@@ -181,6 +252,12 @@ class Settings(_Model):
                     f"port {port.port}: tls = true needs tls_cert and tls_key, "
                     "on the port or in [http]"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _frame_sizes(self) -> Self:
+        for index, port in enumerate(self.ports):
+            check_frame_size(port, self.relay.max_message, f"ports[{index}].size")
         return self
 
     @model_validator(mode="after")
@@ -235,6 +312,12 @@ class Settings(_Model):
         if problems:
             raise ConfigError(problems)
         return settings
+
+
+def check_frame_size(port: PortSettings, max_message: int, key: str = "size") -> None:
+    """A ``fixed`` frame must fit in one message: ``size`` up to ``relay.max_message``."""
+    if port.size is not None and port.size > max_message:
+        raise ValueError(f"{key}: {port.size} is over relay.max_message ({max_message})")
 
 
 def _table(value: object) -> dict[str, Any]:

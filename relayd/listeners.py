@@ -40,6 +40,7 @@ KEEPALIVE_COUNT = 3
 CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost (port removal)
 
 Origin = Literal["config", "runtime"]
+SourceKind = Literal["listen", "connect", "serial"]
 RejectReason = Literal["max_connections", "not_allowed", "tls", "draining"]
 REJECT_REASONS: tuple[RejectReason, ...] = ("max_connections", "not_allowed", "tls", "draining")
 
@@ -52,6 +53,7 @@ class ListenerEnv:
     tls_context: Callable[[int], ssl.SSLContext | None] = lambda port: None
     handshake_timeout: Callable[[], float] = lambda: 10.0
     tls_failures: FailureLog = field(default_factory=FailureLog)
+    on_change: Callable[[], None] = lambda: None  # a source's state changed (STATUS=)
 
 
 def _reason(exc: OSError, host: str) -> str:
@@ -134,14 +136,21 @@ def format_peer(peer: object) -> str:
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection: framing, counting, publishing."""
 
-    def __init__(self, listener: Listener) -> None:
+    def __init__(self, listener: PortSource) -> None:
         self.listener = listener
         self.hub = listener.hub
         self.transport: asyncio.Transport | None = None
         self.source: Source | None = None
         self.peer = "?"
         self.device: str | None = None  # the TLS client certificate's CN
-        self.framer = make_framer(listener.settings.framing, max_message=listener.max_message)
+        settings = listener.settings
+        self.framer = make_framer(
+            settings.framing,
+            max_message=listener.max_message,
+            delimiter=settings.delimiter_bytes,
+            length_prefix=settings.length_prefix,
+            size=settings.size,
+        )
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -267,6 +276,8 @@ class DeviceConnection(asyncio.Protocol):
         return True
 
     def _framing_error(self, error: FramingError) -> None:
+        errors = self.listener.framing_errors
+        errors[error.reason] = errors.get(error.reason, 0) + 1
         logger.warning(
             "port %d: device %s: framing error %s: %s",
             self.listener.port,
@@ -302,17 +313,20 @@ def _enable_keepalive(sock: socket.socket) -> None:
         logger.debug("cannot enable TCP keepalive", exc_info=True)
 
 
-class Listener:
-    """One device port: a server, its connections, its stop event."""
+class PortSource:
+    """One numbered source (relayd.toml(5), SOURCES): its device connections and stop event.
+
+    The registry drives every kind through the same small interface: ``start``,
+    ``stop(drain_timeout)``, ``wait_closed``, ``snapshot`` and ``connections``.
+    ``Listener`` accepts devices; ``relayd.sources`` dials them or opens a serial
+    line. Each reads through ``DeviceConnection``, so framing, downlink, history
+    and the drain are the same for all.
+    """
+
+    kind: SourceKind = "listen"
 
     def __init__(
-        self,
-        settings: PortSettings,
-        sock: socket.socket,
-        env: ListenerEnv,
-        *,
-        origin: Origin,
-        max_message: int,
+        self, settings: PortSettings, env: ListenerEnv, *, origin: Origin, max_message: int
     ) -> None:
         self.settings = settings
         self.origin: Origin = origin
@@ -325,11 +339,12 @@ class Listener:
         self.messages_received = 0
         self.bytes_received = 0
         self.rejected: dict[RejectReason, int] = dict.fromkeys(REJECT_REASONS, 0)
+        self.framing_errors: dict[str, int] = {}  # by reason (relayd.framing)
+        self.last_error: str | None = None  # why the last dial or open failed
+        self.reconnects = 0  # dials or opens after the first
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
-        self._sock: socket.socket | None = sock
-        self._server: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._drain_timeout = 0.0
         self._close_grace = CLOSE_GRACE
@@ -348,7 +363,9 @@ class Listener:
         """The port object of the admin API (relayd(8)): its settings and live counters."""
         return {
             **self.settings.model_dump(),
+            "kind": self.kind,
             "state": self.state,
+            "last_error": self.last_error if self.state == "connecting" else None,
             "source": self.origin,
             "connections": len(self.connections),
             "messages_received": self.messages_received,
@@ -356,23 +373,10 @@ class Listener:
         }
 
     async def start(self) -> None:
-        """Serve on the pre-bound socket; returns once connections are being accepted."""
-        assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        sock = self._sock
-        self._server = await loop.create_server(
-            lambda: DeviceConnection(self), sock=sock, backlog=ACCEPT_BATCH
-        )
-        # asyncio accepts up to ``backlog`` connections per loop iteration and listens
-        # with the same number: keep the batch small, so a connection flood is
-        # interleaved with other work, and the kernel's queue of waiting connections long.
-        sock.listen(BACKLOG)
-        self._sock = None
-        self._task = asyncio.create_task(self._run(), name=f"listener-{self.port}")
-        logger.info("port %d: listening on %s", self.port, self.settings.host)
+        raise NotImplementedError
 
     def stop(self, drain_timeout: float, *, close_grace: float = CLOSE_GRACE) -> None:
-        """Set this listener's stop event: drain for up to ``drain_timeout`` seconds.
+        """Set this source's stop event: drain for up to ``drain_timeout`` seconds.
 
         Connections still open then are closed, and get ``close_grace`` seconds
         to report it. The first call decides; later ones change nothing.
@@ -385,9 +389,6 @@ class Listener:
     async def wait_closed(self) -> None:
         if self._task is not None:
             await asyncio.shield(self._task)
-        elif self._sock is not None:  # never started
-            self._sock.close()
-            self._sock = None
 
     def refusal(self, peername: object) -> RejectReason | None:
         """Why a new connection from ``peername`` is refused, or None to take it."""
@@ -410,11 +411,8 @@ class Listener:
             }.get(reason, reason)
             logger.warning("port %d: connection from %s refused (%s)", self.port, peer, detail)
 
-    async def _run(self) -> None:
-        await self._stop.wait()
-        self.draining = True
-        assert self._server is not None
-        self._server.close()  # stop accepting now
+    async def _drain(self) -> None:
+        """Give connections the drain timeout to close on their own, then close them."""
         n = len(self.connections)
         if n and self._drain_timeout > 0:
             logger.info(
@@ -440,6 +438,53 @@ class Listener:
         logger.info("port %d: closed", self.port)
 
 
+class Listener(PortSource):
+    """One device port that listens: a server, its connections, its stop event."""
+
+    def __init__(
+        self,
+        settings: PortSettings,
+        sock: socket.socket,
+        env: ListenerEnv,
+        *,
+        origin: Origin,
+        max_message: int,
+    ) -> None:
+        super().__init__(settings, env, origin=origin, max_message=max_message)
+        self._sock: socket.socket | None = sock
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        """Serve on the pre-bound socket; returns once connections are being accepted."""
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        sock = self._sock
+        self._server = await loop.create_server(
+            lambda: DeviceConnection(self), sock=sock, backlog=ACCEPT_BATCH
+        )
+        # asyncio accepts up to ``backlog`` connections per loop iteration and listens
+        # with the same number: keep the batch small, so a connection flood is
+        # interleaved with other work, and the kernel's queue of waiting connections long.
+        sock.listen(BACKLOG)
+        self._sock = None
+        self._task = asyncio.create_task(self._run(), name=f"listener-{self.port}")
+        logger.info("port %d: listening on %s", self.port, self.settings.host)
+
+    async def wait_closed(self) -> None:
+        if self._task is not None:
+            await asyncio.shield(self._task)
+        elif self._sock is not None:  # never started
+            self._sock.close()
+            self._sock = None
+
+    async def _run(self) -> None:
+        await self._stop.wait()
+        self.draining = True
+        assert self._server is not None
+        self._server.close()  # stop accepting now
+        await self._drain()
+
+
 class ListenerRegistry:
     """The one map of port to listener."""
 
@@ -454,9 +499,11 @@ class ListenerRegistry:
         tls_failures: FailureLog | None = None,
     ) -> None:
         self.hub = hub
-        self.env = ListenerEnv(hub, tls_context, handshake_timeout, tls_failures or FailureLog())
+        self.env = ListenerEnv(
+            hub, tls_context, handshake_timeout, tls_failures or FailureLog(), on_change
+        )
         self.max_message = max_message
-        self._listeners: dict[int, Listener] = {}
+        self._listeners: dict[int, PortSource] = {}
         self._on_change = on_change
         self.closing = False  # set by stop_all: nothing is added any more
 
@@ -466,19 +513,23 @@ class ListenerRegistry:
     def __len__(self) -> int:
         return len(self._listeners)
 
-    def get(self, port: int) -> Listener:
+    def get(self, port: int) -> PortSource:
         try:
             return self._listeners[port]
         except KeyError:
             raise ListenerNotFound(port) from None
 
-    def listeners(self) -> list[Listener]:
+    def listeners(self) -> list[PortSource]:
         return [self._listeners[p] for p in sorted(self._listeners)]
 
     async def add(
         self, settings: PortSettings, *, origin: Origin, sock: socket.socket | None = None
-    ) -> Listener:
-        """Bind (unless ``sock`` is given) and start a listener; it accepts when this returns."""
+    ) -> PortSource:
+        """Bind (unless ``sock`` is given) and start a listener; it accepts when this returns.
+
+        A ``connect`` or ``serial`` source binds nothing: it starts dialling or
+        opening in the background and this returns at once (READY does not wait).
+        """
         if self.closing:
             if sock is not None:
                 sock.close()
@@ -487,20 +538,29 @@ class ListenerRegistry:
             if sock is not None:
                 sock.close()
             raise ListenerExists(settings.port)
-        if sock is None:
-            sock = bind(settings)
-        listener = Listener(settings, sock, self.env, origin=origin, max_message=self.max_message)
+        listener: PortSource
+        if settings.source_kind != "listen":
+            from relayd.sources import make_source  # it builds on this module
+
+            listener = make_source(settings, self.env, origin=origin, max_message=self.max_message)
+        else:
+            if sock is None:
+                sock = bind(settings)
+            listener = Listener(
+                settings, sock, self.env, origin=origin, max_message=self.max_message
+            )
         self._listeners[settings.port] = listener
         try:
             await listener.start()
         except BaseException:
             del self._listeners[settings.port]
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         self._on_change()
         return listener
 
-    async def remove(self, port: int, *, drain_timeout: float) -> Listener:
+    async def remove(self, port: int, *, drain_timeout: float) -> PortSource:
         """Drain and close one listener; the others are not touched."""
         listener = self.get(port)
         listener.stop(drain_timeout)

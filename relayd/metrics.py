@@ -25,7 +25,9 @@ class RelayCollector(Collector):
         runtime = self.runtime
         listeners = runtime.registry.listeners()
         hub = runtime.hub
-        yield GaugeMetricFamily("relayd_ports", "Listener ports open", value=len(listeners))
+        yield GaugeMetricFamily(
+            "relayd_ports", "Ports open: listeners and other sources", value=len(listeners)
+        )
         yield GaugeMetricFamily("relayd_ws_clients", "WebSocket clients", value=hub.clients)
         connections = GaugeMetricFamily(
             "relayd_tcp_connections", "Device connections per port", labels=["port"]
@@ -41,14 +43,35 @@ class RelayCollector(Collector):
             "Device connections refused, by reason (max_connections, not_allowed, tls, draining)",
             labels=["port", "reason"],
         )
+        framing = CounterMetricFamily(
+            "relayd_framing_errors",
+            "Device streams that broke their framing, by reason (too_long, partial)",
+            labels=["port", "reason"],
+        )
+        connected = GaugeMetricFamily(
+            "relayd_source_connected",
+            "Whether a connect or serial source has its device (1) or is trying (0)",
+            labels=["port"],
+        )
+        reconnects = CounterMetricFamily(
+            "relayd_source_reconnects",
+            "Dials or opens of a connect or serial source after its first",
+            labels=["port"],
+        )
         for listener in listeners:
             port = [str(listener.port)]
+            if listener.kind != "listen":
+                connected.add_metric(port, 1 if listener.connections else 0)
+                reconnects.add_metric(port, listener.reconnects)
+            for why, count in listener.framing_errors.items():
+                framing.add_metric([*port, why], count)
             connections.add_metric(port, len(listener.connections))
             received.add_metric(port, listener.messages_received)
             received_bytes.add_metric(port, listener.bytes_received)
             for why, count in listener.rejected.items():
                 rejected.add_metric([*port, why], count)
-        yield from (connections, received, received_bytes, rejected)
+        yield from (connections, received, received_bytes, rejected, framing)
+        yield from (connected, reconnects)
         history = GaugeMetricFamily(
             "relayd_history_bytes",
             "Bytes of messages kept for ?last and ?since, per port (relay.history_max_bytes)",

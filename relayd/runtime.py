@@ -20,11 +20,11 @@ from typing import Literal
 
 from relayd import __version__, tls
 from relayd.access import Access, load_jwt
-from relayd.config import PortSettings, Settings
+from relayd.config import PortSettings, Settings, check_frame_size
 from relayd.downlink import Downlink
 from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
 from relayd.hub import Hub
-from relayd.listeners import Listener, ListenerRegistry, Origin, bind
+from relayd.listeners import ListenerRegistry, Origin, PortSource, bind
 from relayd.parsing import Ports
 from relayd.state import PortState
 from relayd.systemd import Notifier
@@ -116,7 +116,7 @@ class Runtime:
         self.phase: Phase = "starting"
         self.started_at = time.monotonic()
         self.http_address = f"{settings.http.host}:{settings.http.port}"
-        self._prebound: list[tuple[PortSettings, Origin, socket.socket]] = []
+        self._prebound: list[tuple[PortSettings, Origin, socket.socket | None]] = []
         self._status_handle: asyncio.TimerHandle | None = None
 
     # Access control and TLS
@@ -186,7 +186,9 @@ class Runtime:
         """Bind every port the daemon starts with; BindError names the first that fails."""
         try:
             for settings, origin in self.state.apply(self.settings.ports).values():
-                sock = bind(settings)
+                sock = (
+                    bind(settings) if settings.source_kind == "listen" else None
+                )  # dialled, serial
                 self._prebound.append((settings, origin, sock))
         except BindError:
             self.close_prebound()
@@ -194,7 +196,8 @@ class Runtime:
 
     def close_prebound(self) -> None:
         for _, _, sock in self._prebound:
-            sock.close()
+            if sock is not None:
+                sock.close()
         self._prebound.clear()
 
     async def start_listeners(self) -> None:
@@ -254,7 +257,10 @@ class Runtime:
             self.notifier.status(self.status_text())
 
     def status_text(self) -> str:
-        return f"relaying {len(self.registry)} ports, {self.hub.clients} clients"
+        sources = self.registry.listeners()
+        waiting = sum(1 for source in sources if source.state == "connecting")
+        ports = f"{len(sources)} ports" + (f" ({waiting} connecting)" if waiting else "")
+        return f"relaying {ports}, {self.hub.clients} clients"
 
     def status(self) -> dict[str, object]:
         return {
@@ -271,7 +277,7 @@ class Runtime:
 
     # Port changes (admin API)
 
-    async def add_port(self, settings: PortSettings) -> Listener:
+    async def add_port(self, settings: PortSettings) -> PortSource:
         """Open a runtime port and persist it; no trace is left when anything fails."""
         if self.draining:  # at once: the drain holds the lock until it ends
             raise Stopping
@@ -280,13 +286,18 @@ class Runtime:
                 raise Stopping
             if settings.port in self.registry:
                 raise ListenerExists(settings.port)
+            try:
+                check_frame_size(settings, self.settings.relay.max_message)
+            except ValueError as exc:
+                raise ConfigError([str(exc)]) from None
             _, contexts = self._tls_contexts(self.settings, [settings])
-            sock = bind(settings)
+            sock = bind(settings) if settings.source_kind == "listen" else None
             new_state = self.state.with_added(settings)
             try:
                 new_state.save()
             except RelaydError:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 raise
             self.port_tls.update(contexts)
             try:
@@ -301,7 +312,7 @@ class Runtime:
         logger.info("port %d added at runtime", settings.port)
         return listener
 
-    async def remove_port(self, port: int, *, force: bool = False) -> Listener:
+    async def remove_port(self, port: int, *, force: bool = False) -> PortSource:
         """Persist the removal, then drain that port alone; returns it with final counters."""
         if self.draining:
             raise Stopping

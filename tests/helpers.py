@@ -177,7 +177,9 @@ def config_port(port: int, **shown: object) -> dict[str, object]:
     return (
         settings
         | {
+            "kind": "listen",
             "state": "listening",
+            "last_error": None,
             "source": "config",
             "connections": 0,
             "messages_received": 0,

@@ -1447,3 +1447,35 @@ def test_installed_relayctl_completion() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "_RELAYCTL_COMPLETE" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "body"),
+    [
+        (["--connect", "192.0.2.40:4001"], {"connect": "192.0.2.40:4001"}),
+        (
+            ["--serial", "/dev/ttyUSB0", "--baudrate", "9600", "--parity", "even"],
+            {"serial": "/dev/ttyUSB0", "baudrate": 9600, "parity": "even"},
+        ),
+        (["--bytesize", "7", "--stopbits", "2"], {"bytesize": 7, "stopbits": 2}),
+        (
+            ["--framing", "length", "--length-prefix", "u16le"],
+            {"framing": "length", "length_prefix": "u16le"},
+        ),
+        (["--framing", "fixed", "--size", "12"], {"framing": "fixed", "size": 12}),
+        (
+            ["--framing", "delimiter", "--delimiter", "\x03"],
+            {"framing": "delimiter", "delimiter": "\x03"},
+        ),
+    ],
+)
+def test_ports_add_sources_and_framings(args: list[str], body: dict[str, Any]) -> None:
+    state = FakeState()
+    result = invoke(["ports", "add", "8101", *args], mock(state))
+    assert result.exit_code == 0, result.stderr
+    assert state.seen[-1].body == {"port": 8101, **body}
+
+
+def test_ports_add_refuses_a_bad_parity() -> None:
+    result = invoke(["ports", "add", "8101", "--parity", "mark"], mock(FakeState()))
+    assert result.exit_code == 2
