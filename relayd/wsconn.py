@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import socket
@@ -71,6 +72,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         "peer",
         "ping_interval",
         "ping_timeout",
+        "read_paused",
         "subscription",
         "target",
         "timer",
@@ -105,6 +107,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.disconnected = False
         self.deflate = False
         self.paused = False
+        self.read_paused = False  # a client that sends but does not read (see _handle_frame)
         self.timer: asyncio.TimerHandle | None = None  # ping, pong deadline or close deadline
 
     # asyncio.Protocol
@@ -154,8 +157,15 @@ class RelayWebSocketProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
+        self._resume_reading()
         if self.subscription is not None:
             self.subscription.resume()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            if not self.disconnected:
+                self.transport.resume_reading()
 
     def shutdown(self) -> None:
         """Called by uvicorn when the server stops: close with 1001 (going away)."""
@@ -193,6 +203,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self._write_pending()
         self._cancel_timer()
         self.timer = self.loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
+        self._resume_reading()  # for the client's close frame
 
     def abort(self) -> None:
         self.transport.abort()
@@ -258,8 +269,19 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             if subscription is None or grant is None or self.close_sent:
                 return
             if not frame.fin:  # fragmented messages are not taken: refused, counted
-                self.endpoint.runtime.downlink.refuse("invalid", "fragmented message")
+                refusal = self.endpoint.runtime.downlink.refuse("invalid", "fragmented message")
+                if subscription.json:
+                    self.conn.send_text(
+                        json.dumps(
+                            {"error": refusal.sentence + "s are not accepted", "id": None}
+                        ).encode()
+                    )
                 return
+            if self.paused and not self.read_paused:
+                # It sends while it does not read what it is sent: answers must not pile up
+                # without bound, so stop reading from it until its socket drains.
+                self.read_paused = True
+                self.transport.pause_reading()
             answer = self.endpoint.received(
                 bytes(frame.data),
                 json_mode=subscription.json,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import socket
@@ -267,3 +268,40 @@ async def test_admin_send_passes_a_lone_surrogate_as_ws_does(
             assert await read_exactly(reader, 4) == expected.data + b"\n" == b"\xed\xa0\x80\n"
         finally:
             writer.close()
+
+
+def masked_text(payload: bytes) -> bytes:
+    """A client's text frame (clients mask theirs; the mask may be zeros)."""
+    assert len(payload) < 126
+    return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
+
+
+async def test_a_client_that_sends_but_never_reads_is_not_buffered_without_bound(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    async with run_daemon(tmp_path, notify) as d:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", d.http_port))
+        sock.sendall(
+            b"GET /ws?format=json HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        await wait_until(lambda: d.runtime.hub.clients == 1)
+        sock.setblocking(False)
+        flood = masked_text(b"{}") * 4096  # each is answered with an error, never read
+        loop = asyncio.get_running_loop()
+        sent = 0
+        with contextlib.suppress(TimeoutError):  # relayd stops reading: our sends block
+            async with asyncio.timeout(3_000 * MS):
+                while sent < 32 << 20:
+                    await loop.sock_sendall(sock, flood)
+                    sent += len(flood)
+        (sub,) = d.runtime.hub._subs
+        buffered = sub.sink.transport.get_write_buffer_size()
+        stopped_reading = sub.sink.read_paused
+        sock.close()
+    # relayd stopped reading from it, so what it holds of the answers stays bounded.
+    assert stopped_reading
+    assert buffered < 8 << 20, (sent, buffered)
