@@ -756,7 +756,7 @@ async def amain(args: argparse.Namespace) -> int:
     jsonl = ROOT / "bench" / "results" / f"{stamp}.jsonl"
     profiler = None
     if args.profile:
-        profiler = Profiler(Path(args.profile), {"throughput", "fanout200", "fanout50"})
+        profiler = Profiler(Path(args.profile), set(scenarios))  # those with a window
     hooks = Hooks(window_open=profiler.window_open if profiler else None)
 
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -853,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--repeat", type=int, default=None, help="runs per scenario (3; --quick: 1)")
     ap.add_argument("--markdown", help="write the results table into this file (between markers)")
-    ap.add_argument("--profile", help="py-spy relayd during throughput/fan-out into this dir")
+    ap.add_argument(
+        "--profile", help="py-spy relayd (and relayd-v1) during throughput/fan-out into this dir"
+    )
     ap.add_argument(
         "--rt",
         type=int,
