@@ -195,7 +195,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
 
 
 # relayd against itself: (label, scenario, baseline scenario, metric, target, op, bound).
-# Ratios of relayd's medians; both scenarios run in the same bench run, interleaved.
+# Both scenarios run in the same bench run; see compare_table.
 COMPARE: list[tuple[str, str, str, str, str, str, float]] = [
     ("wss/ws CPU (issue 11)", "fanout50_wss", "fanout50", "relay_cpu_pct", "≤ 1.6", "le", 1.6),
     ("wss/ws p99 (issue 11)", "fanout50_wss", "fanout50", "p99_ms", "≤ 1.5", "le", 1.5),
@@ -231,23 +231,37 @@ COMPARE: list[tuple[str, str, str, str, str, str, float]] = [
 ]
 
 
-def compare_table(med: dict[str, dict[str, dict[str, Any]]]) -> str:
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """COMPARE as a table: per run, relayd's scenario over its baseline; the median of those.
+
+    Pairing the runs (run k of one against run k of the other, minutes apart at
+    most) keeps slow drifts of a shared machine out of the ratio.
+    """
+    by: dict[tuple[str, int], dict[str, Any]] = {
+        (r["scenario"], r["run"]): r for r in results if r["relay"] == "relayd" and "error" not in r
+    }
     lines = [
-        "| comparison | metric | scenario | relayd | baseline | relayd | ratio | target | met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| comparison | metric | scenario | baseline | ratio per run | median | target | met |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, scen, base, key, target, op, bound in COMPARE:
-        a, b = _get(med.get(scen, {}), "relayd", key), _get(med.get(base, {}), "relayd", key)
-        if a is None or b is None:
+        ratios = []
+        for (s, run), res in sorted(by.items()):
+            other = by.get((base, run))
+            if s != scen or other is None:
+                continue
+            a, b = res.get(key), other.get(key)
+            if isinstance(a, int | float) and isinstance(b, int | float) and b:
+                ratios.append(a / b)
+        if not ratios:
             continue
-        r = a / b if b else None
+        med = statistics.median(ratios)
         met = ""
-        if r is not None and op:
-            met = "✅" if (r <= bound if op == "le" else r >= bound) else "❌"
-        ratio = f"{r:.2f}" if r is not None else "–"
+        if op:
+            met = "✅" if (med <= bound if op == "le" else med >= bound) else "❌"
+        each = ", ".join(f"{x:.2f}" for x in ratios)
         lines.append(
-            f"| {label} | {key} | {scen} | {_fmt(a)} | {base} | {_fmt(b)} | {ratio} "
-            f"| {target} | {met} |"
+            f"| {label} | {key} | {scen} | {base} | {each} | {med:.2f} | {target} | {met} |"
         )
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -700,7 +714,7 @@ def write_markdown(
         f"{load}\n"
         f"{table}\n"
         + (
-            f"\nrelayd against itself (ratios of the medians above):\n\n{compare}\n"
+            f"\nrelayd against itself (run k against run k, then the median):\n\n{compare}\n"
             if compare
             else ""
         )
@@ -812,7 +826,7 @@ async def amain(args: argparse.Namespace) -> int:
 
     med = medians(results)
     table = summary_table(med, relays)
-    compare = compare_table(med)
+    compare = compare_table(results)
     load = (
         f"- load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
         f"after: {' '.join(f'{x:.2f}' for x in load_after)}\n"

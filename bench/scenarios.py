@@ -564,18 +564,19 @@ async def connect(r: Relay, P: Params, hooks: Hooks, token: bool) -> dict[str, A
 SCENARIOS: dict[str, Callable[[Relay, Params, Hooks], Awaitable[dict[str, Any]]]] = {
     "throughput": throughput,
     "fanout50": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0]),
-    "fanout200": lambda r, P, h: fanout(r, P, h, P.fanout_clients[1]),
-    "slow": slow_client,
-    "idle": idle,
-    "drain": drain,
-    # issue 11: the fanout50 load over wss, and the cost of the token check
+    # Right after fanout50, so that the ratios against it compare runs a minute apart at
+    # most. Issue 11: the same load over wss; issue 16: the same load with status pages.
     "fanout50_wss": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0], name="fanout50_wss"),
-    "connect_none": lambda r, P, h: connect(r, P, h, token=False),
-    "connect_token": lambda r, P, h: connect(r, P, h, token=True),
-    # issue 16: the fanout50 load with status pages open
     "fanout50_pages": lambda r, P, h: fanout(
         r, P, h, P.fanout_clients[0], pages=P.pages, name="fanout50_pages"
     ),
+    "fanout200": lambda r, P, h: fanout(r, P, h, P.fanout_clients[1]),
+    "slow": slow_client,
+    "idle": idle,
+    # issue 11: the cost of the token check
+    "connect_none": lambda r, P, h: connect(r, P, h, token=False),
+    "connect_token": lambda r, P, h: connect(r, P, h, token=True),
+    "drain": drain,
 }
 
 # How relayd is configured for a scenario (the runner writes it into relayd.toml).
