@@ -1,10 +1,20 @@
 # Benchmarks (issue 6). Included from the top-level Makefile; not part of `make test`.
 #
-#   make bench                 # all scenarios, relayd vs naive vs floor, 3 runs each (~25 min);
+#   make bench                 # all scenarios, relayd vs naive vs floor, 3 runs each (~30 min);
 #                              # rewrites the generated part of bench/RESULTS.md
 #   make bench-quick           # smoke test: every scenario once, small and short (~2 min)
 #   make bench BENCH_ARGS='--scenarios fanout50,fanout200 --relays relayd,floor'
 #   make bench-profile         # py-spy of relayd under throughput and fan-out 200
+#   make bench BENCH_V1=/tmp/relayd-v1/.venv/bin/python
+#                              # also an older relayd ("relayd-v1") in the same run: ratios now/v1.
+#                              # Such a checkout: git archive REV | tar -x -C /tmp/relayd-v1;
+#                              # python3 -m venv /tmp/relayd-v1/.venv; pip install -e it there,
+#                              # with -c of this venv's `pip freeze` so the libraries are the same
+#
+# Besides issue 6's scenarios, `make bench` runs fanout50_wss, connect_none,
+# connect_token (issue 11) and fanout50_pages (issue 16) on relayd, and compares
+# them with fanout50 / connect_none (see bench/RESULTS.md). `--set KEY=VALUE` in
+# BENCH_ARGS shortens a scenario (e.g. --set fanout_s=5) on a busy machine.
 #
 # Bench-only dependencies (uvloop for the load generator, py-spy) are installed into
 # .venv/bench-site, which only the generator puts on its path: relayd must not pick
@@ -13,6 +23,8 @@
 BENCH_PY   ?= .venv/bin/python
 BENCH_SITE ?= .venv/bench-site
 BENCH_ARGS ?=
+BENCH_V1   ?=
+BENCH_V1_ARG = $(if $(BENCH_V1),--relayd-v1 $(BENCH_V1))
 
 .PHONY: bench bench-quick bench-profile bench-deps
 
@@ -25,11 +37,11 @@ bench-deps: $(BENCH_SITE)/.stamp
 	  echo "make bench: relayd is not installed in .venv (run: make test, or make run)" >&2; exit 1; }
 
 bench: bench-deps
-	$(BENCH_PY) -m bench.run --markdown bench/RESULTS.md $(BENCH_ARGS)
+	$(BENCH_PY) -m bench.run --markdown bench/RESULTS.md $(BENCH_V1_ARG) $(BENCH_ARGS)
 
 bench-quick: bench-deps
-	$(BENCH_PY) -m bench.run --quick $(BENCH_ARGS)
+	$(BENCH_PY) -m bench.run --quick $(BENCH_V1_ARG) $(BENCH_ARGS)
 
 bench-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios throughput,fanout200 \
-	  --profile bench/results/profile $(BENCH_ARGS)
+	  --profile bench/results/profile $(BENCH_V1_ARG) $(BENCH_ARGS)

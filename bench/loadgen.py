@@ -25,6 +25,7 @@ import hashlib
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -99,11 +100,20 @@ def _r(x: float | None, nd: int = 3) -> float | None:
 class Consumer(asyncio.Protocol):
     """One WebSocket client that counts every line it receives."""
 
-    def __init__(self, lat: Latency, producers: int, line_len: int, host: str, port: int) -> None:
+    def __init__(
+        self,
+        lat: Latency,
+        producers: int,
+        line_len: int,
+        host: str,
+        port: int,
+        path: str = "/ws",
+    ) -> None:
         self.lat = lat
         self.L = line_len
         self.host = host
         self.port = port
+        self.path = path  # request target, with its query (?format=json, ?access_token=)
         self.expected = [0] * producers  # next sequence number per producer
         self.gaps: dict[int, list[list[int]]] = {}  # producer -> missing [start, end) ranges
         self.count = 0  # lines received, duplicates included
@@ -130,9 +140,9 @@ class Consumer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.transport.write(
-            b"GET /ws HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
-            % (self.host.encode(), self.port, self._key)
+            % (self.path.encode(), self.host.encode(), self.port, self._key)
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -423,6 +433,16 @@ class Consumer(asyncio.Protocol):
             self.transport.close()
 
 
+class PageConsumer(Consumer):
+    """The status page's live tail (``/ws?format=json``): counts frames, checks nothing.
+
+    Its frames are JSON envelopes, not lines; only how many arrive matters here.
+    """
+
+    def _payload(self, payload: bytes, now: int, rec: bool) -> None:
+        self.count += 1
+
+
 class Producer(asyncio.Protocol):
     """One device: writes lines, honours the transport's flow control."""
 
@@ -615,10 +635,12 @@ class Poller:
 # -- connecting ---------------------------------------------------------------
 
 
-async def _connect(factory, host: str, port: int, rcvbuf: int | None = None):  # type: ignore[no-untyped-def]
+async def _connect(  # type: ignore[no-untyped-def]
+    factory, host: str, port: int, rcvbuf: int | None = None, tls: ssl.SSLContext | None = None
+):
     loop = asyncio.get_running_loop()
     if rcvbuf is None:
-        _, proto = await loop.create_connection(factory, host, port)
+        _, proto = await loop.create_connection(factory, host, port, ssl=tls)
         return proto
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -628,7 +650,9 @@ async def _connect(factory, host: str, port: int, rcvbuf: int | None = None):  #
     except BaseException:
         sock.close()
         raise
-    _, proto = await loop.create_connection(factory, sock=sock)
+    _, proto = await loop.create_connection(
+        factory, sock=sock, ssl=tls, server_hostname=host if tls else None
+    )
     return proto
 
 
@@ -643,18 +667,30 @@ async def connect_consumers(
     parallel: int = 50,
     timeout: float = 30.0,
     poller: Poller | None = None,
+    tls: ssl.SSLContext | None = None,
+    path: str = "/ws",
+    kind: type[Consumer] = Consumer,
 ) -> list[Consumer]:
-    """Open n WebSocket clients, `parallel` handshakes at a time (read by `poller` if given)."""
+    """Open n WebSocket clients, `parallel` handshakes at a time (read by `poller` if given).
+
+    With `tls`, the clients speak wss (the poller reads plain sockets only).
+    """
+    if poller is not None and tls is not None:
+        raise ValueError("polled consumers speak ws only")
     sem = asyncio.Semaphore(parallel)
 
     async def one() -> Consumer:
         async with sem:
             if poller is not None:
-                c = Consumer(lat, producers, line_len, host, port)
+                c = kind(lat, producers, line_len, host, port, path)
                 await poller.connect(c, host, port)
             else:
                 c = await _connect(
-                    lambda: Consumer(lat, producers, line_len, host, port), host, port, rcvbuf
+                    lambda: kind(lat, producers, line_len, host, port, path),
+                    host,
+                    port,
+                    rcvbuf,
+                    tls,
                 )
             await c.opened
             return c
@@ -809,3 +845,63 @@ def loss(consumers: Sequence[Consumer], sent: int) -> Loss:
         frames=sum(c.frames for c in consumers),
         lines=sum(c.count for c in consumers),
     )
+
+
+# -- status pages -------------------------------------------------------------
+
+
+@dataclass
+class PageStats:
+    gets: int = 0
+    errors: int = 0
+    bytes: int = 0
+
+
+async def poll_status(
+    base_url: str,
+    period: float,
+    start: float,
+    until: float,
+    stats: PageStats,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """What relayd/static/status.js does: GET /status.json every `period` s, kept alive.
+
+    One client per page, so one keep-alive connection per page, as in a browser.
+    """
+    import httpx  # a relayd dependency; only the generator needs it here
+
+    if start > time.monotonic():
+        await asyncio.sleep(start - time.monotonic())
+    async with httpx.AsyncClient(base_url=base_url, verify=tls or True, timeout=5.0) as client:
+        nxt = start
+        for _ in range(int((until - start) / period) + 2):
+            if time.monotonic() >= until:
+                return
+            try:
+                resp = await client.get("/status.json", headers={"Cache-Control": "no-store"})
+                stats.gets += 1
+                stats.bytes += len(resp.content)
+                if resp.status_code != 200:
+                    stats.errors += 1
+            except httpx.HTTPError:
+                stats.errors += 1
+            nxt += period
+            await asyncio.sleep(max(0.0, min(nxt, until) - time.monotonic()))
+
+
+# -- admin socket ---------------------------------------------------------------
+
+
+async def create_token(admin_socket: str, name: str) -> str:
+    """POST /v1/tokens on relayd's admin socket; return the secret (shown once)."""
+    import httpx
+
+    transport = httpx.AsyncHTTPTransport(uds=admin_socket)
+    async with httpx.AsyncClient(transport=transport, base_url="http://relayd") as client:
+        resp = await client.post("/v1/tokens", json={"name": name, "read": "*"}, timeout=10.0)
+        resp.raise_for_status()
+        token = resp.json()["token"]
+    if not isinstance(token, str):
+        raise ValueError("POST /v1/tokens: no token in the answer")
+    return token

@@ -1,7 +1,8 @@
 """Run the scenarios against relayd and the two reference relays, side by side.
 
     .venv/bin/python -m bench.run [--quick] [--relays relayd,naive,floor]
-        [--scenarios throughput,fanout50,fanout200,slow,idle,drain,downlink50] [--repeat 3]
+        [--scenarios throughput,fanout50,fanout200,slow,idle,drain,fanout50_wss,downlink50,...]
+        [--repeat 3] [--set fanout_s=5 ...] [--relayd-v1 /other/checkout/.venv/bin/python]
         [--markdown bench/RESULTS.md] [--profile DIR] [--rt PRIO | --rt 0 --nice N]
 
 Each relay runs as its own process pinned to one core (taskset), a fresh one
@@ -11,6 +12,12 @@ Every run prints one JSON line and a short table; the end prints medians of the
 repeats and the ratios relayd/naive and relayd/floor, and checks issue 6's
 targets. With --quick the scenarios are small (fan-out 10 and 40 clients, 100
 idle connections of each kind) and short: about a minute for all three relays.
+
+--relayd-v1 adds a fourth relay, "relayd-v1": the relayd of another checkout (its
+venv's interpreter), configured like relayd, so that an older relayd and this one
+are measured in the same run (the ratio column relayd/relayd-v1). The scenarios
+of issues 11 and 16 (fanout50_wss, connect_none, connect_token, fanout50_pages)
+run on relayd only; a second table compares them with their plain counterparts.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import importlib.metadata
 import json
@@ -27,12 +35,14 @@ import resource
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -44,14 +54,22 @@ if BENCH_SITE.is_dir():
 
 from bench.downlink import downlink50  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
-from bench.scenarios import SCENARIOS, Hooks, Params, Relay  # noqa: E402
+from bench.scenarios import (  # noqa: E402
+    RELAYD_ONLY,
+    SCENARIOS,
+    SETUP,
+    Hooks,
+    Params,
+    Relay,
+)
 
 SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
 
 RELAYS = ("relayd", "naive", "floor")
 # Not run by default: relayd with [relay] history = 0, for the cost of history
 # (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
-EXTRA_RELAYS = ("relayd-h0",)
+RELAYD_H0 = "relayd-h0"
+RELAYD_V1 = "relayd-v1"  # only with --relayd-v1
 HOST = "127.0.0.1"
 
 # (metric, how to read "better", target check on relayd's median or None)
@@ -165,6 +183,39 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("kib_per_device", "≤ 4", _le("kib_per_device", 4.0)),
         ("rss_base_kib", "", None),
     ],
+    "fanout50_wss": [
+        ("delivered_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p50_ms", "", None),
+        ("p99_ms", "", None),
+        ("max_ms", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("rss_max_kib", "", None),
+    ],
+    "fanout50_pages": [
+        ("delivered_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("page_frames_per_s", "", None),
+        ("status_gets_per_s", "", None),
+        ("status_errors", "0", _le("status_errors", 0)),
+        ("p99_ms", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+    ],
+    "connect_none": [
+        ("connects_per_s", "", None),
+        ("relay_cpu_ms_per_connect", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+    ],
+    "connect_token": [
+        ("connects_per_s", "", None),
+        ("relay_cpu_ms_per_connect", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("anonymous_refused", "yes", _true("anonymous_refused")),
+    ],
     "drain": [
         ("share_min", "1.0", _ge("share_min", 1.0)),
         ("close_1001", "all clients", _true("close_1001")),
@@ -172,6 +223,78 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("after_share_min", "", None),
     ],
 }
+
+
+# relayd against itself: (label, scenario, baseline scenario, metric, target, op, bound).
+# Both scenarios run in the same bench run; see compare_table.
+COMPARE: list[tuple[str, str, str, str, str, str, float]] = [
+    ("wss/ws CPU (issue 11)", "fanout50_wss", "fanout50", "relay_cpu_pct", "≤ 1.6", "le", 1.6),
+    ("wss/ws p99 (issue 11)", "fanout50_wss", "fanout50", "p99_ms", "≤ 1.5", "le", 1.5),
+    ("wss/ws p50", "fanout50_wss", "fanout50", "p50_ms", "", "", 0.0),
+    (
+        "token/none connect rate (issue 11)",
+        "connect_token",
+        "connect_none",
+        "connects_per_s",
+        "≥ 0.8",
+        "ge",
+        0.8,
+    ),
+    (
+        "token/none CPU per connect",
+        "connect_token",
+        "connect_none",
+        "relay_cpu_ms_per_connect",
+        "",
+        "",
+        0.0,
+    ),
+    (
+        "10 pages/none CPU (issue 16)",
+        "fanout50_pages",
+        "fanout50",
+        "relay_cpu_pct",
+        "≤ 1.1",
+        "le",
+        1.1,
+    ),
+    ("10 pages/none p99", "fanout50_pages", "fanout50", "p99_ms", "", "", 0.0),
+]
+
+
+def compare_table(results: list[dict[str, Any]]) -> str:
+    """COMPARE as a table: per run, relayd's scenario over its baseline; the median of those.
+
+    Pairing the runs (run k of one against run k of the other, minutes apart at
+    most) keeps slow drifts of a shared machine out of the ratio.
+    """
+    by: dict[tuple[str, int], dict[str, Any]] = {
+        (r["scenario"], r["run"]): r for r in results if r["relay"] == "relayd" and "error" not in r
+    }
+    lines = [
+        "| comparison | metric | scenario | baseline | ratio per run | median | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, scen, base, key, target, op, bound in COMPARE:
+        ratios = []
+        for (s, run), res in sorted(by.items()):
+            other = by.get((base, run))
+            if s != scen or other is None:
+                continue
+            a, b = res.get(key), other.get(key)
+            if isinstance(a, int | float) and isinstance(b, int | float) and b:
+                ratios.append(a / b)
+        if not ratios:
+            continue
+        med = statistics.median(ratios)
+        met = ""
+        if op:
+            met = "✅" if (med <= bound if op == "le" else med >= bound) else "❌"
+        each = ", ".join(f"{x:.2f}" for x in ratios)
+        lines.append(
+            f"| {label} | {key} | {scen} | {base} | {each} | {med:.2f} | {target} | {met} |"
+        )
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 # -- starting relays ------------------------------------------------------------
@@ -189,22 +312,77 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+@dataclass
+class Tls:
+    """A self-signed certificate for 127.0.0.1 and the clients' context trusting it."""
+
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> Tls:
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        subprocess.run(
+            [
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                f"/CN={HOST}",
+                "-addext",
+                f"subjectAltName=IP:{HOST}",
+                "-keyout",
+                str(key),
+                "-out",
+                str(cert),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        return cls(cert, key)
+
+    def client_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.cert))
+
+
 def relayd_config(
-    path: Path, ws_port: int, tcp_port: int, drain_timeout: float, history: int = 1000
+    path: Path,
+    ws_port: int,
+    tcp_port: int,
+    drain_timeout: float,
+    tls: Tls | None = None,
+    auth: str | None = None,
+    history: int | None = 1000,
 ) -> None:
-    [commands_port] = free_ports(1)
+    """relayd's config; ``history=None``: a relayd before v2 (relayd-v1), no v2 keys."""
+    tls_lines = f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n' if tls else ""
+    auth_lines = f'[auth]\nmode = "{auth}"\n\n' if auth else ""
+    v2 = history is not None
+    history_line = f"history = {history}\n" if v2 else ""
+    downlink_line = "downlink = true\n" if v2 else ""
+    commands = ""
+    if v2:  # no devices: downlink50's command clients subscribe to it
+        [commands_port] = free_ports(1)
+        commands = f'\n[[ports]]\nport = {commands_port}\nhost = "{HOST}"\nname = "commands"\n'
     path.write_text(
-        f"""[http]
+        f"""{auth_lines}[http]
 host = "{HOST}"
 port = {ws_port}
-
+{tls_lines}
 [relay]
 queue_size = 1024
 slow_client = "drop"
 max_clients = 5000
 per_message_deflate = false
-history = {history}
-
+{history_line}
 [drain]
 timeout = {drain_timeout}
 
@@ -213,22 +391,25 @@ port = {tcp_port}
 host = "{HOST}"
 framing = "lines"
 max_connections = 5000
-downlink = true
-
-[[ports]]  # no devices: downlink50's command clients subscribe to it
-port = {commands_port}
-host = "{HOST}"
-name = "commands"
-"""
+{downlink_line}{commands}"""
     )
 
 
-def relay_command(name: str, workdir: Path, ws_port: int, tcp_port: int, P: Params) -> list[str]:
-    if name in ("relayd", "relayd-h0"):
+def relay_command(
+    name: str,
+    workdir: Path,
+    ws_port: int,
+    tcp_port: int,
+    P: Params,
+    exe: Path | None = None,
+    tls: Tls | None = None,
+    auth: str | None = None,
+) -> list[str]:
+    if exe is not None:  # a relayd (this checkout's, or another's)
         cfg = workdir / "relayd.toml"
-        history = 0 if name == "relayd-h0" else 1000
-        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, history)
-        exe = ROOT / ".venv" / "bin" / "relayd"
+        # relayd-v1 predates the v2 keys; relayd-h0 measures relayd without history.
+        history = None if name == RELAYD_V1 else 0 if name == RELAYD_H0 else 1000
+        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history)
         return [
             str(exe),
             "--config",
@@ -264,15 +445,26 @@ def append_jsonl(path: Path, res: dict[str, Any]) -> None:
 
 class RelayProcess:
     def __init__(
-        self, name: str, core: int | None, gen_core: int | None, workdir: Path, P: Params
+        self,
+        name: str,
+        core: int | None,
+        gen_core: int | None,
+        workdir: Path,
+        P: Params,
+        exe: Path | None = None,
+        tls: Tls | None = None,
+        auth: str | None = None,
     ) -> None:
         self.name, self.core, self.gen_core, self.workdir, self.P = name, core, gen_core, workdir, P
+        self.exe, self.tls, self.auth = exe, tls, auth
         self.log = workdir / f"{name}.log"
         self.relay: Relay | None = None
 
     async def start(self, timeout: float = 30.0) -> Relay:
         ws_port, tcp_port = free_ports(2)
-        cmd = relay_command(self.name, self.workdir, ws_port, tcp_port, self.P)
+        cmd = relay_command(
+            self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
+        )
         if self.core is not None:
             cmd = ["taskset", "-c", str(self.core), *cmd]
         notify_path = self.workdir / "notify.sock"
@@ -290,7 +482,17 @@ class RelayProcess:
             )
         finally:
             log.close()
-        self.relay = Relay(self.name, proc, HOST, ws_port, tcp_port, self.core, self.gen_core)
+        self.relay = Relay(
+            self.name,
+            proc,
+            HOST,
+            ws_port,
+            tcp_port,
+            self.core,
+            self.gen_core,
+            tls=self.tls.client_context() if self.tls else None,
+            admin_socket=str(self.workdir / "admin.sock") if self.exe else None,
+        )
         try:
             exited = loop.create_task(proc.wait())
             deadline = loop.time() + timeout
@@ -350,11 +552,14 @@ class Profiler:
         self.exe = pyspy_path()
 
     async def window_open(self, relay: Relay, scenario: str, seconds: float) -> None:
-        if relay.name != "relayd" or scenario not in self.scenarios or self.exe is None:
+        if relay.name not in ("relayd", RELAYD_V1):
             return
-        if any(path.stem == scenario for _, path in self.procs):
-            return  # once per scenario
-        out = self.outdir / f"{scenario}.txt"
+        if scenario not in self.scenarios or self.exe is None:
+            return
+        stem = scenario if relay.name == "relayd" else f"{scenario}.{relay.name}"
+        if any(path.stem == stem for _, path in self.procs):
+            return  # once per scenario and relay
+        out = self.outdir / f"{stem}.txt"
         # Under SCHED_FIFO, sample from a higher priority so the profiler is not starved.
         prio = os.sched_getparam(0).sched_priority
         chrt = ["chrt", "-f", str(prio + 1)] if prio else []
@@ -385,7 +590,7 @@ class Profiler:
             if out.exists():
                 summary = summarize_profile(out)
                 out.with_suffix(".summary.txt").write_text(summary)
-                print(f"\n## profile {out.stem} (py-spy, relayd)\n{summary}")
+                print(f"\n## profile {out.stem} (py-spy)\n{summary}")
 
 
 def summarize_profile(path: Path, top: int = 20) -> str:
@@ -487,7 +692,15 @@ def summary_table(med: dict[str, dict[str, dict[str, Any]]], relays: list[str]) 
     return "\n".join(lines)
 
 
-def machine_info(relays: list[str]) -> dict[str, str]:
+def relayd_version(exe: Path) -> str:
+    try:
+        v = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
+        return (v.stdout or v.stderr).strip().splitlines()[-1]
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return f"unavailable ({e})"
+
+
+def machine_info(relays: list[str], v1: Path | None = None) -> dict[str, str]:
     cpu = "?"
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
@@ -507,12 +720,7 @@ def machine_info(relays: list[str]) -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             info[pkg] = "not installed"
     if "relayd" in relays:
-        exe = ROOT / ".venv" / "bin" / "relayd"
-        try:
-            v = subprocess.run([str(exe), "--version"], capture_output=True, text=True, timeout=30)
-            info["relayd"] = (v.stdout or v.stderr).strip().splitlines()[-1]
-        except (OSError, subprocess.SubprocessError, IndexError) as e:
-            info["relayd"] = f"unavailable ({e})"
+        info["relayd"] = relayd_version(ROOT / ".venv" / "bin" / "relayd")
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             rev = subprocess.run(
                 ["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
@@ -522,6 +730,8 @@ def machine_info(relays: list[str]) -> dict[str, str]:
             ).stdout.strip()
             if rev:
                 info["relayd"] += f" (git {rev})"
+    if v1 is not None and RELAYD_V1 in relays:
+        info[RELAYD_V1] = f"{relayd_version(v1)} ({v1})"
     return info
 
 
@@ -531,6 +741,8 @@ def write_markdown(
     table: str,
     args: argparse.Namespace,
     loops: dict[str, bool],
+    compare: str = "",
+    load: str = "",
 ) -> None:
     begin, end = "<!-- bench:begin -->", "<!-- bench:end -->"
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
@@ -538,11 +750,17 @@ def write_markdown(
     body = (
         f"{begin}\n"
         f"Generated by `make bench` (`python -m bench.run {' '.join(args.argv)}`); "
-        f"medians of {args.repeat} runs.\n\n"
+        f"medians of {args.repeat} run{'s' if args.repeat != 1 else ''}.\n\n"
         f"Machine:\n{machine}\n"
-        f"- event loop seen in each relay: {loop_note}\n\n"
+        f"- event loop seen in each relay: {loop_note}\n"
+        f"{load}\n"
         f"{table}\n"
-        f"{end}"
+        + (
+            f"\nrelayd against itself (run k against run k, then the median):\n\n{compare}\n"
+            if compare
+            else ""
+        )
+        + f"{end}"
     )
     old = path.read_text() if path.exists() else ""
     if begin in old and end in old:
@@ -566,11 +784,21 @@ def raise_nofile() -> None:
 
 async def amain(args: argparse.Namespace) -> int:
     P = Params().quick() if args.quick else Params()
+    P = override(P, args.set)
     relays = args.relays.split(",")
     scenarios = args.scenarios.split(",")
+    v1 = Path(args.relayd_v1).parent / "relayd" if args.relayd_v1 else None
+    if v1 is not None and RELAYD_V1 not in relays:
+        relays.insert(relays.index("relayd") + 1 if "relayd" in relays else 0, RELAYD_V1)
+    exes: dict[str, Path] = {
+        "relayd": ROOT / ".venv" / "bin" / "relayd",
+        RELAYD_H0: ROOT / ".venv" / "bin" / "relayd",
+    }
+    if v1 is not None:
+        exes[RELAYD_V1] = v1
     for name in relays:
-        if name not in RELAYS + EXTRA_RELAYS:
-            raise SystemExit(f"unknown relay {name!r}")
+        if name not in RELAYS and name not in exes:
+            raise SystemExit(f"unknown relay {name!r} (relayd-v1 needs --relayd-v1)")
     for s in scenarios:
         if s not in SCENARIOS:
             raise SystemExit(f"unknown scenario {s!r}")
@@ -587,7 +815,7 @@ async def amain(args: argparse.Namespace) -> int:
     jsonl = ROOT / "bench" / "results" / f"{stamp}.jsonl"
     profiler = None
     if args.profile:
-        profiler = Profiler(Path(args.profile), {"throughput", "fanout200", "fanout50"})
+        profiler = Profiler(Path(args.profile), set(scenarios))  # those with a window
     hooks = Hooks(window_open=profiler.window_open if profiler else None)
 
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
@@ -595,13 +823,29 @@ async def amain(args: argparse.Namespace) -> int:
     print(f"# generator on core {gen_core} ({loop_name}); relays on core {relay_core}; {sched}")
     results: list[dict[str, Any]] = []
     loops: dict[str, bool] = {}
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
+        tls = None
+        if any(SETUP.get(s, {}).get("tls") for s in scenarios):
+            tls = Tls.make(Path(tmp))
         for run in range(1, args.repeat + 1):
             for scen in scenarios:
                 for name in relays:
+                    if scen in RELAYD_ONLY and name != "relayd":
+                        continue
                     workdir = Path(tmp) / f"{name}-{scen}-{run}"
                     workdir.mkdir()
-                    rp = RelayProcess(name, relay_core, gen_core, workdir, P)
+                    setup = SETUP.get(scen, {})
+                    rp = RelayProcess(
+                        name,
+                        relay_core,
+                        gen_core,
+                        workdir,
+                        P,
+                        exe=exes.get(name),
+                        tls=tls if setup.get("tls") else None,
+                        auth=setup.get("auth"),
+                    )
                     res: dict[str, Any] = {"scenario": scen, "relay": name, "run": run}
                     try:
                         relay = await rp.start()
@@ -623,16 +867,42 @@ async def amain(args: argparse.Namespace) -> int:
                     append_jsonl(jsonl, res)
     if profiler is not None:
         await profiler.finish()
+    load_after = os.getloadavg()
 
     med = medians(results)
     table = summary_table(med, relays)
+    compare = compare_table(results)
+    load = (
+        f"- load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after: {' '.join(f'{x:.2f}' for x in load_after)}\n"
+    )
     print(f"\n## medians of {args.repeat} run(s)\n")
+    print(load)
     print(table)
+    if compare:
+        print(f"\n## relayd against itself\n\n{compare}")
     print(f"\nraw results: {jsonl}")
     if args.markdown:
-        write_markdown(Path(args.markdown), machine_info(relays), table, args, loops)
+        info = machine_info(relays, v1)
+        write_markdown(Path(args.markdown), info, table, args, loops, compare, load)
         print(f"wrote {args.markdown}")
     return 0
+
+
+def override(P: Params, settings: list[str]) -> Params:
+    """Params with `key=value` settings applied (--set fanout_s=5)."""
+    changes: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(P)}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, KEY one of {sorted(fields)}")
+        current = getattr(P, key)
+        if isinstance(current, tuple):
+            changes[key] = tuple(type(current[0])(v) for v in value.split(","))
+        else:
+            changes[key] = type(current)(value)
+    return dataclasses.replace(P, **changes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -642,7 +912,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--repeat", type=int, default=None, help="runs per scenario (3; --quick: 1)")
     ap.add_argument("--markdown", help="write the results table into this file (between markers)")
-    ap.add_argument("--profile", help="py-spy relayd during throughput/fan-out into this dir")
+    ap.add_argument(
+        "--profile", help="py-spy relayd (and relayd-v1) during throughput/fan-out into this dir"
+    )
     ap.add_argument(
         "--rt",
         type=int,
@@ -651,6 +923,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--nice", type=int, default=-10, help="niceness without --rt (0: leave)")
     ap.add_argument("--no-uvloop", action="store_true", help="run the generator on asyncio")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario parameter (bench/scenarios.py Params), e.g. fanout_s=5",
+    )
+    ap.add_argument(
+        "--relayd-v1",
+        metavar="PYTHON",
+        help="also run the relayd of another checkout (its venv's python) as relay relayd-v1",
+    )
     args = ap.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
     if args.repeat is None:

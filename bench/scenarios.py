@@ -1,4 +1,10 @@
-"""The five scenarios of issue 6. Each takes a running relay and returns one flat dict."""
+"""The scenarios of issue 6 (and of issues 11 and 16, relayd only).
+
+Each takes a running relay and returns one flat dict. SETUP says how relayd is
+configured for a scenario (TLS on [http], auth mode); RELAYD_ONLY are the
+scenarios that need what only the current relayd has (wss, tokens, the status
+page), which the runner does not start other relays for.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import contextlib
 import json
 import os
 import signal
+import ssl
+import statistics
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -28,6 +36,12 @@ class Relay:
     tcp_port: int
     core: int | None = None  # the core the relay is pinned to
     gen_core: int | None = None  # the generator's
+    tls: ssl.SSLContext | None = None  # set when [http] speaks TLS: the clients' context
+    admin_socket: str | None = None  # relayd's, for creating tokens
+
+    @property
+    def http_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.ws_port}"
 
     @property
     def pid(self) -> int:
@@ -63,6 +77,11 @@ class Params:
     drain_linger_s: float = 1.0  # devices keep streaming this long after SIGTERM
     drain_timeout: float = 5.0  # the relay's drain.timeout
     recover_missed: int = 1000  # messages the reconnecting client misses (recover50)
+    connect_clients: int = 1000  # connect_none / connect_token (issue 11)
+    connect_parallel: int = 50  # handshakes in flight at once
+    connect_rounds: int = 3
+    pages: int = 10  # fanout50_pages (issue 16): status pages open
+    page_poll_s: float = 2.0  # each page's GET /status.json period (relayd/static/status.js)
 
     def quick(self) -> Params:
         return replace(
@@ -80,6 +99,7 @@ class Params:
             drain_before_s=1.0,
             drain_linger_s=0.5,
             slow_fill_timeout=2.0,
+            connect_clients=200,
         )
 
 
@@ -142,10 +162,15 @@ async def fanout(
     P: Params,
     hooks: Hooks,
     clients: int,
+    pages: int = 0,
+    name: str = "",
     connect_devices: Callable[..., Awaitable[list[lg.Producer]]] | None = None,
 ) -> dict[str, Any]:
-    """fanout_devices devices at fanout_rate lines/s each, `clients` clients.
+    """fanout_devices devices at fanout_rate lines/s each, `clients` clients (wss if r.tls).
 
+    With `pages`, that many status pages are open besides: each one a
+    /ws?format=json client that gets every message, and a GET /status.json every
+    page_poll_s seconds, as relayd/static/status.js does.
     ``connect_devices``: instead of loadgen.connect_producers (bench/downlink.py's
     devices also read commands).
     """
@@ -156,24 +181,53 @@ async def fanout(
     if poller is not None:
         poller.start()
     cons = await lg.connect_consumers(
-        clients, lat, nd, P.line_len, r.host, r.ws_port, poller=poller
+        clients, lat, nd, P.line_len, r.host, r.ws_port, poller=poller, tls=r.tls
+    )
+    page_cons = await lg.connect_consumers(
+        pages,
+        lg.Latency(),
+        nd,
+        P.line_len,
+        r.host,
+        r.ws_port,
+        tls=r.tls,
+        path="/ws?format=json",
+        kind=lg.PageConsumer,
     )
     prods = await (connect_devices or lg.connect_producers)(nd, fmt, r.host, r.tcp_port)
     sampler = Sampler(r.pid)
     sampler.start()
     loop = asyncio.get_running_loop()
+    t0 = time.monotonic()
     task = loop.create_task(lg.run_paced(prods, P.fanout_rate, P.warmup + P.fanout_s))
+    stats = lg.PageStats()
+    page_tasks = [
+        loop.create_task(
+            lg.poll_status(
+                r.http_url,
+                P.page_poll_s,
+                t0 + i * P.page_poll_s / pages,
+                t0 + P.warmup + P.fanout_s,
+                stats,
+                r.tls,
+            )
+        )
+        for i in range(pages)
+    ]
     await asyncio.sleep(P.warmup)
-    await hooks.opened(r, f"fanout{clients}", P.fanout_s)
+    await hooks.opened(r, name or f"fanout{clients}", P.fanout_s)
     win = r.window()
     win.open()
     c0 = lg.totals(cons)
+    p0, g0 = lg.totals(page_cons), stats.gets
     lat.on = True
     await asyncio.sleep(P.fanout_s)
     lat.on = False
     c1 = lg.totals(cons)
+    p1, g1 = lg.totals(page_cons), stats.gets
     win.close()
     await task
+    await asyncio.gather(*page_tasks)
     sent = sum(p.seq for p in prods)
     settled = await lg.drained(cons, sent, timeout=30.0)
     await sampler.stop()
@@ -182,10 +236,23 @@ async def fanout(
         c.close()
     for p in prods:
         p.close()
+    for c in page_cons:
+        c.close()
     if poller is not None:
         await poller.stop()
+    page_figures: dict[str, Any] = {}
+    if pages:
+        page_figures = {
+            "pages": pages,
+            "page_frames_per_s": round((p1 - p0) / win.seconds),
+            "status_gets_per_s": round((g1 - g0) / win.seconds, 2),
+            "status_errors": stats.errors,
+            "status_bytes_mean": round(stats.bytes / stats.gets) if stats.gets else None,
+        }
     return {
         "clients": clients,
+        "tls": r.tls is not None,
+        **page_figures,
         "consumers": f"polled every {P.poll_period * 1000:g} ms" if poller else "event-driven",
         "delivered_per_s": round((c1 - c0) / win.seconds),
         "expected_per_s": round(clients * nd * P.fanout_rate),
@@ -473,12 +540,114 @@ async def _reconnect_probe(r: Relay, P: Params) -> dict[str, Any]:
     return out
 
 
+async def _wait_fds_below(pid: int, most: int, timeout: float) -> int:
+    """Poll /proc/<pid>/fd until the relay holds at most `most` descriptors."""
+    deadline = time.monotonic() + timeout
+    n = fd_count(pid)
+    while n > most and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        n = fd_count(pid)
+    return n
+
+
+async def connect(r: Relay, P: Params, hooks: Hooks, token: bool) -> dict[str, Any]:
+    """connect_clients WebSocket clients opened connect_parallel at a time, with or without
+    a token (?access_token=, as a browser presents it): handshakes per second.
+
+    connect_rounds rounds, each from no client to all of them and closed again
+    before the next (the relay's descriptors back where they were); the rate is
+    the median of the rounds, since one round lasts only about half a second.
+    """
+    path = "/ws"
+    anonymous_refused = None
+    fd0 = fd_count(r.pid)  # the relay's descriptors without any client
+    if token:
+        if r.admin_socket is None:
+            raise RuntimeError("connect_token needs relayd's admin socket")
+        secret = await lg.create_token(r.admin_socket, "bench")
+        path = f"/ws?access_token={secret}"
+        # The token check must really run: a client without one is refused.
+        try:
+            await lg.connect_consumers(1, lg.Latency(), 1, P.line_len, r.host, r.ws_port)
+            anonymous_refused = False
+        except ConnectionError:
+            anonymous_refused = True
+    lat = lg.Latency()
+    # warm the handshake path once
+    [warm] = await lg.connect_consumers(1, lat, 1, P.line_len, r.host, r.ws_port, path=path)
+    warm.close()
+    await _wait_fds_below(r.pid, fd0, 5.0)
+    n = P.connect_clients
+    rates, cpu_ms, relay_pct, gen_pct = [], [], [], []
+    alive = n
+    for i in range(P.connect_rounds):
+        if i == 0:  # for the profiler: about the time the handshakes take (~2,000/s here)
+            name = "connect_token" if token else "connect_none"
+            await hooks.opened(r, name, max(1.0, P.connect_rounds * n / 2000))
+        win = r.window()
+        win.open()
+        t0 = time.monotonic()
+        clients = await lg.connect_consumers(
+            n,
+            lat,
+            1,
+            P.line_len,
+            r.host,
+            r.ws_port,
+            parallel=P.connect_parallel,
+            timeout=120.0,
+            path=path,
+        )
+        elapsed = time.monotonic() - t0
+        win.close()
+        alive = min(alive, sum(not c.closed.done() for c in clients))
+        rates.append(n / elapsed)
+        cpu_ms.append(win.relay_cpu_pct / 100 * win.seconds / n * 1000)
+        relay_pct.append(win.relay_cpu_pct)
+        gen_pct.append(win.gen_cpu_pct)
+        for c in clients:
+            c.close()
+        await _wait_fds_below(r.pid, fd0, 30.0)
+    med = statistics.median
+    return {
+        "clients": n,
+        "rounds": P.connect_rounds,
+        "token": token,
+        "anonymous_refused": anonymous_refused,
+        "connects_per_s": round(med(rates), 1),
+        "connects_per_s_rounds": [round(x) for x in rates],
+        "relay_cpu_ms_per_connect": round(med(cpu_ms), 3),
+        "relay_cpu_pct": round(med(relay_pct), 1),
+        "gen_cpu_pct": round(med(gen_pct), 1),
+        "clients_alive": alive,
+        **win.noise(),
+    }
+
+
 SCENARIOS: dict[str, Callable[[Relay, Params, Hooks], Awaitable[dict[str, Any]]]] = {
     "throughput": throughput,
     "fanout50": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0]),
+    # Right after fanout50, so that the ratios against it compare runs a minute apart at
+    # most. Issue 11: the same load over wss; issue 16: the same load with status pages.
+    "fanout50_wss": lambda r, P, h: fanout(r, P, h, P.fanout_clients[0], name="fanout50_wss"),
+    "fanout50_pages": lambda r, P, h: fanout(
+        r, P, h, P.fanout_clients[0], pages=P.pages, name="fanout50_pages"
+    ),
     "fanout200": lambda r, P, h: fanout(r, P, h, P.fanout_clients[1]),
     "recover50": recover,
     "slow": slow_client,
     "idle": idle,
+    # issue 11: the cost of the token check
+    "connect_none": lambda r, P, h: connect(r, P, h, token=False),
+    "connect_token": lambda r, P, h: connect(r, P, h, token=True),
     "drain": drain,
 }
+
+# How relayd is configured for a scenario (the runner writes it into relayd.toml).
+SETUP: dict[str, dict[str, Any]] = {
+    "fanout50_wss": {"tls": True},
+    "connect_token": {"auth": "token"},
+}
+RELAYD_ONLY = frozenset({"fanout50_wss", "connect_none", "connect_token", "fanout50_pages"})
+# The default set of `make bench`: issue 6's scenarios, then the newer ones.
+DEFAULT_SCENARIOS = tuple(SCENARIOS)
