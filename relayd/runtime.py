@@ -8,6 +8,7 @@ file and the service manager's view consistent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -22,7 +23,14 @@ from relayd import __version__, tls
 from relayd.access import Access, load_jwt
 from relayd.config import PortSettings, Settings, check_frame_size
 from relayd.downlink import Downlink
-from relayd.errors import BindError, ConfigError, ListenerExists, RelaydError, Stopping
+from relayd.errors import (
+    BindError,
+    ConfigError,
+    ListenerExists,
+    ListenerNotFound,
+    RelaydError,
+    Stopping,
+)
 from relayd.hub import Hub
 from relayd.listeners import ListenerRegistry, Origin, PortSource, bind
 from relayd.parsing import Ports
@@ -400,11 +408,15 @@ class Runtime:
                 report.changed.append(port)
             else:
                 listener.origin = desired[port][1]
+
+        async def remove(port: int) -> None:
+            # A port whose runtime removal is finishing may be gone by the time this
+            # runs: that removal deleted it, which is all this wanted.
+            with contextlib.suppress(ListenerNotFound):
+                await self.registry.remove(port, drain_timeout=new.drain.timeout)
+
         await asyncio.gather(
-            *(
-                self.registry.remove(port, drain_timeout=new.drain.timeout)
-                for port in report.removed + report.changed + finishing
-            )
+            *(remove(port) for port in report.removed + report.changed + finishing)
         )
         for port in report.removed:  # a changed port keeps its history (relayd.toml(5))
             self._drop_history(port)
