@@ -136,6 +136,19 @@ def format_peer(peer: object) -> str:
 class DeviceConnection(asyncio.Protocol):
     """One device's TCP connection: framing, counting, publishing."""
 
+    # One per device connection, thousands per gateway: no instance __dict__.
+    __slots__ = (
+        "device",
+        "framer",
+        "hub",
+        "idle_timer",
+        "last_data",
+        "listener",
+        "peer",
+        "source",
+        "transport",
+    )
+
     def __init__(self, listener: PortSource) -> None:
         self.listener = listener
         self.hub = listener.hub
