@@ -1,4 +1,4 @@
-"""relayctl: every command, exit code and error path (spec §8).
+"""relayctl: every command, exit code and error path (relayctl(1)).
 
 Two layers:
 
@@ -6,7 +6,7 @@ Two layers:
   sent, what is printed, which exit code, without any socket.
 * The installed ``relayctl`` as a subprocess (and ``tail`` in process) against
   ``FakeRelayd``: a small asyncio server on a Unix socket in a temporary
-  directory, plus 127.0.0.1:0 for ``--url``, that answers the spec §7 routes
+  directory, plus 127.0.0.1:0 for ``--url``, that answers the admin API routes of relayd(8)
   and ``/ws`` (WebSocket through websockets' sans-I/O ``ServerProtocol``).
 """
 
@@ -108,7 +108,7 @@ class Seen:
 
 @dataclass
 class FakeState:
-    """Admin API answers (spec §7), shared by the MockTransport and the socket server."""
+    """Admin API answers (relayd(8)), shared by the MockTransport and the socket server."""
 
     token: str | None = None  # over TCP the admin API needs it; None: 404 there
     ports: dict[int, dict[str, Any]] = field(

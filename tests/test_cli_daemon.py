@@ -1,7 +1,7 @@
 """The installed ``relayctl`` as a subprocess against the real relayd over its real socket.
 
 tests/test_cli.py checks relayctl's output against a fake daemon; here every
-command and every exit code of spec §8 is checked end to end: the console
+command and every exit code of relayctl(1) is checked end to end: the console
 script, the admin API on the Unix socket (or on the HTTP port with a token),
 and the WebSocket that ``tail`` subscribes to.
 """
@@ -114,7 +114,7 @@ async def ctl(d: Daemon, *args: str) -> Result:
 
 
 def refused(result: Result, detail: str) -> None:
-    """Exit 1 with relayd's detail as the one line on stderr (spec §8)."""
+    """Exit 1 with relayd's detail as the one line on stderr (relayctl(1))."""
     assert (result.code, result.out, result.err) == (1, "", f"relayctl: {detail}\n")
 
 

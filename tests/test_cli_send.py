@@ -1,4 +1,4 @@
-"""relayctl send (spec §11), against tests/test_cli.py's fakes.
+"""relayctl send (relayctl(1)), against tests/test_cli.py's fakes.
 
 Through a MockTransport: what is sent (``data`` for UTF-8 text, ``data_b64``
 for other bytes), what is printed, which exit code. Then the installed console

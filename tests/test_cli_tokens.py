@@ -1,4 +1,4 @@
-"""relayctl tokens list|add|remove (spec §10 "Tokens"), against tests/test_cli.py's fakes.
+"""relayctl tokens list|add|remove (relayctl(1), TOKENS), against tests/test_cli.py's fakes.
 
 Through a MockTransport: what is sent, what is printed, which exit code. Then
 the installed console script against FakeRelayd's real socket, as an operator

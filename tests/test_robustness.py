@@ -70,7 +70,7 @@ NO_ASYNCIO_DEBUG = {"PYTHONASYNCIODEBUG": ""}
 
 
 def lines_of(stream: bytes) -> list[bytes]:
-    """Reference framing for ``lines`` (spec §3): split on LF, strip one CR, drop blanks."""
+    """Reference framing for ``lines`` (relayd.toml(5)): split on LF, strip one CR, drop blanks."""
     out = []
     for line in stream.split(b"\n"):
         if line.endswith(b"\r"):
