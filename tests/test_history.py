@@ -432,3 +432,33 @@ async def test_no_gap_and_no_duplicate_at_the_seam_under_full_speed(
             stop.set()
             async with asyncio.timeout(5_000 * MS):
                 await device
+
+
+@pytest.mark.parametrize("size", [10, 100, 1000])
+async def test_the_memory_a_history_holds_stays_within_history_max_bytes(size: int) -> None:
+    """What Python really holds for a port's kept messages (tracemalloc), small or large."""
+    import gc
+    import tracemalloc
+
+    from relayd.hub import Hub
+
+    max_bytes = 64 * 1024
+    hub = Hub(
+        queue_size=16, slow_client="drop", max_clients=1, epoch="e",
+        history=1_000_000, history_max_bytes=max_bytes,
+    )  # fmt: skip
+    source = Source(8001, "dev", "127.0.0.1:1")
+    count = 4 * max_bytes // size + 100  # far more than fits: the bytes limit binds
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(count):  # one message per read: a (time, source) tuple each
+            hub.publish(source, [i.to_bytes(8, "big") * (size // 8) or b"x"])
+        await asyncio.sleep(0)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert hub.history.rings[8001].nbytes <= max_bytes
+    assert held <= 1.1 * max_bytes, f"{held} bytes held for {max_bytes} (ENTRY_OVERHEAD too small?)"
