@@ -169,7 +169,7 @@ async def fanout(
     """fanout_devices devices at fanout_rate lines/s each, `clients` clients (wss if r.tls).
 
     With `pages`, that many status pages are open besides: each one a
-    /ws?format=json client that gets every message, and a GET /status.json every
+    /ws?format=json&batch_ms=250 client that gets every message, and a GET /status.json every
     page_poll_s seconds, as relayd/static/status.js does.
     ``connect_devices``: instead of loadgen.connect_producers (bench/downlink.py's
     devices also read commands).
@@ -191,7 +191,7 @@ async def fanout(
         r.host,
         r.ws_port,
         tls=r.tls,
-        path="/ws?format=json",
+        path="/ws?format=json&batch_ms=250",  # as relayd/static/status.js asks
         kind=lg.PageConsumer,
     )
     prods = await (connect_devices or lg.connect_producers)(nd, fmt, r.host, r.tcp_port)

@@ -124,9 +124,18 @@ class Subscription:
         "closed",
         "dropped",
         "replay",
+        "batch",
+        "batch_timer",
     )
 
-    def __init__(self, hub: Hub, sink: Sink, ports: frozenset[int] | None, json: bool) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        sink: Sink,
+        ports: frozenset[int] | None,
+        json: bool,
+        batch: float = 0.0,
+    ) -> None:
         self._hub = hub
         self.sink = sink
         self.ports = ports
@@ -138,6 +147,10 @@ class Subscription:
         self.dropped = 0
         # Replayed history still to send, a chunk of frames at a time, ahead of ``queue``.
         self.replay: Iterator[list[bytes]] | None = None
+        # ``?batch_ms=``: write at most once per ``batch`` seconds (a status page need
+        # not be woken for every message); 0: at the end of every loop iteration.
+        self.batch = batch
+        self.batch_timer: asyncio.TimerHandle | None = None
 
     def pause(self) -> None:
         """The client's transport buffer is full: keep frames here, bounded."""
@@ -157,14 +170,27 @@ class Subscription:
         if self.closed:
             queue.clear()
             return
-        if self.paused and not self._hub.closing:
-            excess = len(queue) - self._hub.queue_size
+        hub = self._hub
+        if self.paused and not hub.closing:
+            excess = len(queue) - hub.queue_size
             if excess > 0:
                 self._overflow(excess)
+            return
+        if self.batch and not hub.closing and len(queue) < hub.queue_size:
+            if self.batch_timer is None:
+                self.batch_timer = hub._loop.call_later(self.batch, self._batch_due)
             return
         self.queue = []
         self._hub.messages_sent += len(queue)
         self.sink.send_frames(queue)
+
+    def _batch_due(self) -> None:
+        self.batch_timer = None
+        batch, self.batch = self.batch, 0.0
+        try:
+            self.flush()
+        finally:
+            self.batch = batch
 
     def _flush_replay(self) -> bool:
         """Send the next chunk of the replay; True while some of it is left.
@@ -217,7 +243,13 @@ class Subscription:
     def close(self, code: int, reason: str) -> None:
         if not self.closed:
             self.closed = True
+            self._cancel_batch()
             self.sink.close(code, reason)
+
+    def _cancel_batch(self) -> None:
+        if self.batch_timer is not None:
+            self.batch_timer.cancel()
+            self.batch_timer = None
 
 
 class Hub:
@@ -271,14 +303,16 @@ class Hub:
     def clients(self) -> int:
         return len(self._subs)
 
-    def subscribe(self, sink: Sink, ports: Iterable[int] | None, json: bool) -> Subscription:
+    def subscribe(
+        self, sink: Sink, ports: Iterable[int] | None, json: bool, batch: float = 0.0
+    ) -> Subscription:
         """Register a client; call before the handshake completes so nothing is missed."""
         if self.closing:
             raise HubClosed
         if len(self._subs) >= self.max_clients:
             self.rejected += 1
             raise HubFull
-        sub = Subscription(self, sink, frozenset(ports) if ports is not None else None, json)
+        sub = Subscription(self, sink, frozenset(ports) if ports is not None else None, json, batch)
         self._subs.add(sub)
         self._targets.clear()
         self._empty.clear()
@@ -288,6 +322,7 @@ class Hub:
     def unsubscribe(self, sub: Subscription) -> None:
         sub.closed = True
         sub.queue.clear()
+        sub._cancel_batch()
         if sub in self._subs:
             self._subs.discard(sub)
             self._targets.clear()

@@ -90,13 +90,18 @@ class Query:
     ports: list[int] | None  # None: every port
     json: bool
     replay: Replay = Replay()
+    batch: float = 0.0  # seconds; ?batch_ms=
+
+
+MAX_BATCH_MS = 10_000
 
 
 def parse_query(query: str, known_ports: Container[int]) -> Query | Closed:
     """``?port=P`` (repeatable) and ``?format=bare|json``; unknown values close with 1008.
 
     History (relayd(8), HISTORY AND RECOVERY): ``?last=N`` and ``?since=P:EPOCH:SEQ``
-    (``parse_replay``).
+    (``parse_replay``). ``?batch_ms=N`` (0..10000): write to this client at most
+    once every N ms, as the status page asks, instead of on every loop iteration.
     """
     try:
         pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
@@ -105,6 +110,7 @@ def parse_query(query: str, known_ports: Container[int]) -> Query | Closed:
     fmt = "bare"
     ports: list[int] = []
     history: list[tuple[str, str]] = []
+    batch_ms = 0
     for key, value in pairs:
         if key == "format":
             fmt = value
@@ -114,12 +120,16 @@ def parse_query(query: str, known_ports: Container[int]) -> Query | Closed:
             ports.append(int(value))
         elif key in ("last", "since"):
             history.append((key, value))
+        elif key == "batch_ms":
+            if not (value.isascii() and value.isdigit() and int(value) <= MAX_BATCH_MS):
+                return Closed(CLOSE_POLICY_VIOLATION, f"batch_ms {value[:16]!r}: 0 to 10000")
+            batch_ms = int(value)
     if fmt not in ("bare", "json"):
         return Closed(CLOSE_POLICY_VIOLATION, f"unknown format {fmt[:16]!r} (bare or json)")
     replay = parse_replay(history, ports or None, fmt == "json", known_ports)
     if isinstance(replay, Closed):
         return replay
-    return Query(ports or None, fmt == "json", replay)
+    return Query(ports or None, fmt == "json", replay, batch_ms / 1000)
 
 
 def parse_replay(
@@ -207,7 +217,7 @@ class WsEndpoint:
         if ports is None and grant.all_readable != ALL:
             ports = sorted(grant.all_readable)  # no ?port=: what the token may read
         try:
-            subscription = runtime.hub.subscribe(sink, ports, parsed.json)
+            subscription = runtime.hub.subscribe(sink, ports, parsed.json, parsed.batch)
         except HubFull:
             return Closed(CLOSE_TRY_AGAIN_LATER, "too many clients")
         except HubClosed:

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from relayd.hub import OP_BINARY, OP_TEXT, Hub, HubFull, Source, encode_frame
+from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -168,3 +169,39 @@ async def test_close_aborts_clients_that_do_not_go() -> None:
     hub.subscribe(sink, None, False)
     await hub.close(0.01)
     assert sink.aborted
+
+
+async def test_a_batched_subscription_is_written_at_most_once_per_interval() -> None:
+    """?batch_ms= (the status page): fewer writes, same messages, same order, bounded."""
+    hub = make_hub(queue_size=50)
+    sink, page = FakeSink(), FakeSink()
+    hub.subscribe(sink, None, False)
+    batched = hub.subscribe(page, None, False, batch=0.05)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    for i in range(10):
+        hub.publish(SRC, [f"m{i}".encode()])
+        await next_iteration()
+    assert sink.writes == 10 and page.writes == 0  # the page waits ...
+    await wait_until(lambda: page.writes > 0)
+    assert loop.time() - started >= 0.05
+    assert page.writes == 1  # ... then gets them in one write, in order
+    assert payloads(page.frames) == [f"m{i}".encode() for i in range(10)]
+    hub.publish(SRC, [b"x"] * 60)  # more than queue_size at once: written now, not held
+    await next_iteration()
+    assert page.writes == 2
+    hub.publish(SRC, [b"y"])
+    await next_iteration()
+    assert batched.batch_timer is not None
+    hub.unsubscribe(batched)
+    assert batched.batch_timer is None
+
+
+def test_batch_ms_in_the_query() -> None:
+    from relayd.ws import Closed, parse_query
+
+    parsed = parse_query("format=json&batch_ms=250", {8001})
+    assert not isinstance(parsed, Closed) and parsed.batch == 0.25
+    for bad in ("batch_ms=x", "batch_ms=-1", "batch_ms=10001", "batch_ms="):
+        refused = parse_query(bad, {8001})
+        assert isinstance(refused, Closed) and refused.code == 1008, bad
