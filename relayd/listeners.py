@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from relayd.config import PortSettings
 from relayd.errors import BindError, ListenerExists, ListenerNotFound, Stopping
-from relayd.framing import FramingError, make_framer
+from relayd.framing import Framer, FramingError, make_framer
 from relayd.hub import Hub, Source
 from relayd.tls import FailureLog, failure_reason, handshake, peer_identity
 
@@ -156,14 +156,9 @@ class DeviceConnection(asyncio.Protocol):
         self.source: Source | None = None
         self.peer = "?"
         self.device: str | None = None  # the TLS client certificate's CN
-        settings = listener.settings
-        self.framer = make_framer(
-            settings.framing,
-            max_message=listener.max_message,
-            delimiter=settings.delimiter_bytes,
-            length_prefix=settings.length_prefix,
-            size=settings.size,
-        )
+        # Made on the first read: a refused connection, or a device that stays
+        # silent, costs no framer.
+        self.framer: Framer | None = None
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
 
@@ -233,6 +228,8 @@ class DeviceConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.last_data = time.monotonic()
         framer = self.framer
+        if framer is None:
+            framer = self.framer = self._new_framer()
         messages = framer.feed(data)
         if messages:
             listener.messages_received += len(messages)
@@ -241,6 +238,17 @@ class DeviceConnection(asyncio.Protocol):
         if framer.error is not None:  # e.g. a length over max_message: stop reading
             self._framing_error(framer.error)
             self.close()
+
+    def _new_framer(self) -> Framer:
+        listener = self.listener
+        settings = listener.settings
+        return make_framer(
+            settings.framing,
+            max_message=listener.max_message,
+            delimiter=settings.delimiter_bytes,
+            length_prefix=settings.length_prefix,
+            size=settings.size,
+        )
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost delivers the rest
@@ -252,14 +260,15 @@ class DeviceConnection(asyncio.Protocol):
         if self.idle_timer is not None:
             self.idle_timer.cancel()
         framer = self.framer
-        failed = framer.error is not None  # already reported
-        messages = framer.close()  # a trailing partial line, or an unfinished UTF-8 tail
-        if messages:
-            assert self.source is not None
-            listener.messages_received += len(messages)
-            self.hub.publish(self.source, messages)
-        if framer.error is not None and not failed:
-            self._framing_error(framer.error)
+        if framer is not None:
+            failed = framer.error is not None  # already reported
+            messages = framer.close()  # a trailing partial line or an unfinished UTF-8 tail
+            if messages:
+                assert self.source is not None
+                listener.messages_received += len(messages)
+                self.hub.publish(self.source, messages)
+            if framer.error is not None and not failed:
+                self._framing_error(framer.error)
         self._forget()
         peer = self.peer
         if exc is not None:
