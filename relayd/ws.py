@@ -266,6 +266,11 @@ class WsEndpoint:
             return _answer({"error": result.sentence, "id": command.id})
         return _answer({"ack": command.id, "port": command.port, "delivered": result})
 
+    def fragmented(self, *, json_mode: bool) -> bytes | None:
+        """A fragmented message from a client: refused and counted; the answer in JSON mode."""
+        refused = self.runtime.downlink.refuse("invalid", "fragmented messages are not accepted")
+        return _answer({"error": refused.sentence, "id": None}) if json_mode else None
+
     def closed(self, subscription: Subscription, grant: Grant) -> None:
         self.runtime.access.untrack(subscription, grant)
         self.runtime.hub.unsubscribe(subscription)

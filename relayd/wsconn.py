@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import os
 import socket
@@ -269,13 +268,9 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             if subscription is None or grant is None or self.close_sent:
                 return
             if not frame.fin:  # fragmented messages are not taken: refused, counted
-                refusal = self.endpoint.runtime.downlink.refuse("invalid", "fragmented message")
-                if subscription.json:
-                    self.conn.send_text(
-                        json.dumps(
-                            {"error": refusal.sentence + "s are not accepted", "id": None}
-                        ).encode()
-                    )
+                refused = self.endpoint.fragmented(json_mode=subscription.json)
+                if refused is not None:
+                    self.conn.send_text(refused)
                 return
             if self.paused and not self.read_paused:
                 # It sends while it does not read what it is sent: answers must not pile up
