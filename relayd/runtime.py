@@ -212,12 +212,16 @@ class Runtime:
         prebound, self._prebound = self._prebound, []
         for settings, origin, sock in sorted(prebound, key=lambda item: item[0].port):
             await self.registry.add(settings, origin=origin, sock=sock)
-            if settings.downlink and self.settings.auth.mode == "none":
-                logger.warning(
-                    'port %d: downlink is on and [auth] mode is "none": anyone who reaches '
-                    "[http] may write to its devices",
-                    settings.port,
-                )
+            self._warn_open_downlink(settings)
+
+    def _warn_open_downlink(self, settings: PortSettings) -> None:
+        """At start, and whenever a port or [auth] change opens a port's downlink to all."""
+        if settings.downlink and self.settings.auth.mode == "none":
+            logger.warning(
+                'port %d: downlink is on and [auth] mode is "none": anyone who reaches '
+                "[http] may write to its devices",
+                settings.port,
+            )
 
     def set_ready(self) -> None:
         self.phase = "ready"
@@ -318,6 +322,7 @@ class Runtime:
                 raise
             self.state = new_state
         logger.info("port %d added at runtime", settings.port)
+        self._warn_open_downlink(settings)
         return listener
 
     async def remove_port(self, port: int, *, force: bool = False) -> PortSource:
@@ -378,7 +383,13 @@ class Runtime:
                 self.port_tls.clear()
                 self.port_tls.update(contexts)
                 report = await self._reconcile(new)
+                was_open = self.settings.auth.mode == "none"
                 self._apply_settings(new)
+                for listener in self.registry.listeners():
+                    if listener.draining:
+                        continue
+                    if not was_open or listener.port in report.added + report.changed:
+                        self._warn_open_downlink(listener.settings)
         finally:
             if not self.draining:
                 self.notifier.ready()

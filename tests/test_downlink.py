@@ -206,6 +206,27 @@ async def test_downlink_on_without_auth_warns_and_a_stop_flushes_accepted_writes
     assert len(warnings) == 1 and f"port {port}" in warnings[0]
 
 
+async def test_a_downlink_opened_at_runtime_warns_too(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    added, reloaded = free_port(), free_port()
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "downlink is on" in r.getMessage()]
+
+    with caplog.at_level(logging.WARNING, logger="relayd.runtime"):
+        async with run_daemon(tmp_path, notify, nports=1) as d, d.admin() as admin:
+            assert warned() == []
+            body = {"port": added, "host": "127.0.0.1", "downlink": True}
+            assert (await admin.post("/v1/ports", json=body)).status_code == 201
+            assert len(warned()) == 1 and f"port {added}:" in warned()[0]
+            d.config.write_text(d.config.read_text() + downlink_ports(reloaded))
+            assert (await admin.post("/v1/reload")).status_code == 200
+            assert len(warned()) == 2 and f"port {reloaded}:" in warned()[1]
+            assert (await admin.post("/v1/reload")).status_code == 200  # nothing new opened
+            assert len(warned()) == 2
+
+
 async def test_admin_send_validation(tmp_path: Path, notify: NotifySocket) -> None:
     port = free_port()
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d, d.admin() as admin:
