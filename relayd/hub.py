@@ -92,14 +92,20 @@ class Source:
     name: str | None
     peer: str
     device: str | None = None  # the TLS client certificate's CN, when the port asks for one
-    json_prefix: bytes = field(init=False, repr=False)
+    # The envelope's head, made when first needed: a device that stays silent, or
+    # whose port no JSON client reads, costs none (thousands of idle connections).
+    _json_prefix: bytes = field(default=b"", init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
-        fields: dict[str, object] = {"port": self.port, "name": self.name, "peer": self.peer}
-        if self.device is not None:
-            fields["device"] = self.device
-        head = json.dumps(fields)
-        object.__setattr__(self, "json_prefix", (head[:-1] + ', "ts": "').encode())
+    @property
+    def json_prefix(self) -> bytes:
+        prefix = self._json_prefix
+        if not prefix:
+            fields: dict[str, object] = {"port": self.port, "name": self.name, "peer": self.peer}
+            if self.device is not None:
+                fields["device"] = self.device
+            prefix = (json.dumps(fields)[:-1] + ', "ts": "').encode()
+            object.__setattr__(self, "_json_prefix", prefix)
+        return prefix
 
 
 class HubFull(Exception):
