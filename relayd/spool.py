@@ -201,7 +201,8 @@ class Spool:
 
     def _rotate(self, first: int) -> Segment:
         path = self._dir / spoolfile.segment_name(first)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o600)  # O_APPEND: after a cut-off partial write too
         if self._fd >= 0:
             self._retired.append(self._fd)
         self._fd = fd
