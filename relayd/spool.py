@@ -1,4 +1,4 @@
-"""The MQTT uplink's write-ahead disk spool (see relayd(8), THE MQTT SPOOL).
+"""The MQTT uplink's write-ahead disk spool (see relayd(8), MQTT SPOOL).
 
 Every message the uplink publishes goes through here first: ``append`` (hot
 path, memory only) → ``flush`` (one ``write`` per loop iteration) → ``read``

@@ -1,4 +1,4 @@
-"""The on-disk format of the MQTT spool's segments (see relayd(8), THE MQTT SPOOL).
+"""The on-disk format of the MQTT spool's segments (see relayd(8), MQTT SPOOL).
 
 A segment is ``<state-dir>/spool/<20-digit id of its first record>.seg``: the
 8-byte magic ``RDSPOOL1`` followed by records, each::
