@@ -480,6 +480,12 @@ class Spool:
             return
         self.flush()
         self._closed = True
+        if self._pend:
+            logger.warning(
+                "spool %s: %d messages that could not be written are lost at stop",
+                self._dir,
+                len(self._pend),
+            )
         fds, low, free, dirty = self._prepare_sync()
         self._retired = []
         if self._fd >= 0:

@@ -182,10 +182,13 @@ def recover(directory: Path, commit: Path) -> Recovered:
     next_id = low
     expect = low  # the id that would follow the records kept so far
     for i, (sid, path) in enumerate(found):
-        next_id = max(next_id, sid)
+        next_id = max(next_id, sid + 1)  # a new segment's name never meets an old one
         data = path.read_bytes()
         s = scan(data, sid)
-        if s.problem is not None and not (s.torn and i == len(found) - 1):
+        # The last segment's damage is a write a crash (or power cut) cut short: cut
+        # it off there. Elsewhere, or with nothing whole before it, set the file aside.
+        last = i == len(found) - 1
+        if s.problem is not None and (not last or (not s.count and not s.torn)):
             aside = path.with_name(path.stem + CORRUPT_SUFFIX)
             logger.warning(
                 "spool segment %s is damaged (%s): set aside as %s",
@@ -201,7 +204,7 @@ def recover(directory: Path, commit: Path) -> Recovered:
             continue
         if s.problem is not None:
             logger.warning(
-                "spool segment %s: %s (a crash while writing): %d bytes cut off",
+                "spool segment %s: %s (a crash while writing?): %d bytes cut off",
                 path.name,
                 s.problem,
                 len(data) - s.good_end,

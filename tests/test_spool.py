@@ -228,6 +228,26 @@ def test_a_damaged_middle_segment_is_set_aside(
     assert (d / "commit").read_text() == "240\n"
 
 
+def test_a_damaged_record_in_the_last_segment_cuts_it_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=BIG)
+    fill(s, 10)
+    s.flush()
+    size_10 = s.bytes
+    fill(s, 10, start=10)
+    s.close()
+    corrupt_byte(d / segments(d)[0], size_10 + 30)  # a power cut: a page never written
+    s = Spool.open(d, max_bytes=BIG)
+    got = s.read(100)
+    assert len(got) == 10
+    assert payloads(got) == [b"m%06d" % i for i in range(len(got))]
+    assert s.corrupt == 0
+    assert "cut off" in caplog.text
+    s.close()
+
+
 def test_garbage_and_a_damaged_commit_file_do_not_stop_the_start(tmp_path: Path) -> None:
     d = tmp_path / "spool"
     d.mkdir(mode=0o700)
@@ -236,8 +256,10 @@ def test_garbage_and_a_damaged_commit_file_do_not_stop_the_start(tmp_path: Path)
     (d / "notes.txt").write_text("left alone")
     s = Spool.open(d, max_bytes=BIG)
     assert s.messages == 0
+    assert s.corrupt == 1  # set aside, not cut to nothing
+    assert (d / (spoolfile.segment_name(0) + ".corrupt")).exists()
     fill(s, 2)
-    assert [r.id for r in s.read(5)] == [0, 1]
+    assert [r.id for r in s.read(5)] == [1, 2]
     s.close()
     assert (d / "notes.txt").exists()
 
