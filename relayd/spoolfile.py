@@ -114,25 +114,41 @@ def scan(data: bytes, name_id: int) -> Scan:
     s.good_end = off
     prev = name_id - 1
     jumps: list[tuple[int, int]] = []
-    while off < len(data):
-        got = decode(data, off)
-        if isinstance(got, str):
-            s.torn = got == SHORT
-            s.problem = "last record cut short" if s.torn else f"{got} at offset {off}"
+    # decode() without building records: recovery only needs ids and checksums.
+    view, size, count = memoryview(data), len(data), 0
+    unpack_head, unpack_id, crc32 = _LEN_CRC.unpack_from, _ID_TLEN.unpack_from, zlib.crc32
+    while off < size:
+        if off + HEAD > size:
+            s.torn, s.problem = True, "last record cut short"
             break
-        rid = got[0]
+        length, crc = unpack_head(view, off)
+        end = off + HEAD + length
+        if length < _MIN_BODY or length > MAX_BODY:
+            s.problem = f"bad record length {length} at offset {off}"
+            break
+        if end > size:
+            s.torn, s.problem = True, "last record cut short"
+            break
+        if crc32(view[off + HEAD : end]) != crc:
+            s.problem = f"checksum mismatch at offset {off}"
+            break
+        rid, tlen = unpack_id(view, off + HEAD)
+        if _MIN_BODY + tlen > length:
+            s.problem = f"bad topic length {tlen} at offset {off}"
+            break
         if rid <= prev:
             s.problem = f"record id {rid} out of order at offset {off}"
             break
-        if rid != prev + 1 and s.count:
+        if rid != prev + 1 and count:
             jumps.append((prev + 1, rid))
-        if not s.count:
+        if not count:
             s.first = rid
-        s.count += 1
-        s.last = rid
+        count += 1
         prev = rid
-        off = got[3]
-        s.good_end = off
+        off = end
+    s.count = count
+    s.last = prev if count else -1
+    s.good_end = off  # the start of the damaged record, if any
     s.jumps = jumps
     return s
 
