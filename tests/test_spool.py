@@ -484,3 +484,26 @@ def test_scan_refuses_ids_out_of_order_and_bad_topic_lengths() -> None:
     assert spoolfile.decode(bad, 0) == "bad topic length 500"
     assert spoolfile.scan(b"RDSP", 0).torn
     assert spoolfile.scan(b"JUNK", 0).problem == "not a spool segment"
+
+
+def test_dropping_segments_forgets_their_out_of_order_acks(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=16 * 1024, segment_bytes=2048)
+    fill(s, 50)
+    s.flush()
+    s.read(50)
+    for i in (3, 7, 40):  # out of order: 0 is still in flight
+        s.ack(i)
+    assert s.messages == 47
+    for k in range(1, 40):
+        fill(s, 50, start=50 * k)
+        s.flush()
+    assert s.dropped > 50
+    assert s.messages + s.dropped + 3 == 2000
+    s.ack(3)  # an ack for a dropped record is no-op
+    assert s.messages + s.dropped + 3 == 2000
+    s.rewind()
+    got = s.read(10_000)
+    assert len(got) == s.messages
+    assert payloads(got) == [b"m%06d" % i for i in range(2000 - len(got), 2000)]
+    s.close()
