@@ -54,6 +54,8 @@ if BENCH_SITE.is_dir():
 
 from bench.downlink import downlink50  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
+from bench.scale import SCALE  # noqa: E402
+from bench.scale import SCENARIOS as SCALE_SCENARIOS  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     RELAYD_ONLY,
     SCENARIOS,
@@ -64,6 +66,8 @@ from bench.scenarios import (  # noqa: E402
 )
 
 SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
+SCENARIOS.update(SCALE_SCENARIOS)  # issue 17: fanout1000, fanout5000, idle10k
+RELAYD_ONLY = RELAYD_ONLY | SCALE
 
 RELAYS = ("relayd", "naive", "floor")
 # Not run by default: relayd with [relay] history = 0, for the cost of history
@@ -215,6 +219,40 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("relay_cpu_pct", "", None),
         ("gen_cpu_pct", "", None),
         ("anonymous_refused", "yes", _true("anonymous_refused")),
+    ],
+    "fanout1000": [
+        ("delivered_per_s", "", None),
+        ("expected_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p50_ms", "", None),
+        ("p99_ms", "≤ 20", _le("p99_ms", 20.0)),
+        ("max_ms", "", None),
+        ("lines_per_frame", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("rss_max_kib", "", None),
+    ],
+    "fanout5000": [
+        ("delivered_per_s", "", None),
+        ("expected_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p50_ms", "", None),
+        ("p99_ms", "≤ 50", _le("p99_ms", 50.0)),
+        ("max_ms", "", None),
+        ("connects_per_s", "", None),
+        ("lines_per_frame", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("rss_max_kib", "", None),
+    ],
+    "idle10k": [
+        ("kib_per_client", "≤ 8", _le("kib_per_client", 8.0)),
+        ("rss_total_mib", "", None),
+        ("clients_alive", "", None),
+        ("connects_per_s", "", None),
+        ("metrics_ms", "", None),
+        ("metrics_bytes", "", None),
+        ("ports_list_s", "", None),
     ],
     "drain": [
         ("share_min", "1.0", _ge("share_min", 1.0)),
@@ -380,7 +418,7 @@ port = {ws_port}
 [relay]
 queue_size = 1024
 slow_client = "drop"
-max_clients = 5000
+max_clients = 12000
 per_message_deflate = false
 {history_line}
 [drain]
@@ -569,6 +607,30 @@ class Profiler:
             "record",
             "--pid",
             str(relay.pid),
+            "--rate",
+            "200",
+            "--duration",
+            str(max(1, int(seconds))),
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append((proc, out))
+
+    async def worker_open(self, pid: int, stem: str, seconds: float) -> None:
+        """py-spy of a generator process (bench/scale.py) during the window."""
+        if stem.split(".")[0] not in self.scenarios or self.exe is None:
+            return
+        out = self.outdir / f"{stem}.txt"
+        proc = await asyncio.create_subprocess_exec(
+            self.exe,
+            "record",
+            "--pid",
+            str(pid),
             "--rate",
             "200",
             "--duration",
@@ -816,7 +878,10 @@ async def amain(args: argparse.Namespace) -> int:
     profiler = None
     if args.profile:
         profiler = Profiler(Path(args.profile), set(scenarios))  # those with a window
-    hooks = Hooks(window_open=profiler.window_open if profiler else None)
+    hooks = Hooks(
+        window_open=profiler.window_open if profiler else None,
+        worker_open=profiler.worker_open if profiler else None,
+    )
 
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     sched = f"SCHED_FIFO {args.rt}" if args.rt else f"nice {os.getpriority(os.PRIO_PROCESS, 0)}"
