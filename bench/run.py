@@ -18,6 +18,11 @@ venv's interpreter), configured like relayd, so that an older relayd and this on
 are measured in the same run (the ratio column relayd/relayd-v1). The scenarios
 of issues 11 and 16 (fanout50_wss, connect_none, connect_token, fanout50_pages)
 run on relayd only; a second table compares them with their plain counterparts.
+
+Issue 17: relay "nodered" is Node-RED with bench/node-red-flow.json (tcp in ->
+websocket out; bench/nodered.py), in the default set once `make bench-deps`
+installed it; scenario "payload" checks that every relay's frames carry the same
+lines. fanout1000, fanout5000 and idle10k (bench/scale.py) run on relayd only.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ BENCH_SITE = ROOT / ".venv" / "bench-site"
 if BENCH_SITE.is_dir():
     sys.path.insert(0, str(BENCH_SITE))
 
+from bench import nodered  # noqa: E402
 from bench.downlink import downlink50  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
 from bench.scale import SCALE  # noqa: E402
@@ -68,8 +74,12 @@ from bench.scenarios import (  # noqa: E402
 SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
 SCENARIOS.update(SCALE_SCENARIOS)  # issue 17: fanout1000, fanout5000, idle10k
 RELAYD_ONLY = RELAYD_ONLY | SCALE
+SCENARIOS["payload"] = nodered.same_payload  # issue 17: do the relays' frames compare?
 
 RELAYS = ("relayd", "naive", "floor")
+# issue 17: Node-RED (bench/nodered.py), in the default set once `make bench-deps` installed it
+NODERED = nodered.NODERED
+DEFAULT_RELAYS = (*RELAYS, NODERED) if nodered.installed() else RELAYS
 # Not run by default: relayd with [relay] history = 0, for the cost of history
 # (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
 RELAYD_H0 = "relayd-h0"
@@ -219,6 +229,11 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("relay_cpu_pct", "", None),
         ("gen_cpu_pct", "", None),
         ("anonymous_refused", "yes", _true("anonymous_refused")),
+    ],
+    "payload": [
+        ("frames_match", "yes", _true("frames_match")),
+        ("frames_seen", "6", None),
+        ("first_difference", "", None),
     ],
     "fanout1000": [
         ("delivered_per_s", "", None),
@@ -500,17 +515,26 @@ class RelayProcess:
 
     async def start(self, timeout: float = 30.0) -> Relay:
         ws_port, tcp_port = free_ports(2)
-        cmd = relay_command(
-            self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
-        )
+        extra_env: dict[str, str] = {}
+        if self.name == NODERED:
+            cmd, extra_env = nodered.command(self.workdir, HOST, ws_port, tcp_port)
+        else:
+            cmd = relay_command(
+                self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
+            )
         if self.core is not None:
             cmd = ["taskset", "-c", str(self.core), *cmd]
+        if self.name == NODERED and os.sched_getscheduler(0) == os.SCHED_FIFO:
+            # Node's helper threads share the core: under SCHED_FIFO its main thread
+            # spins waiting for them and never yields (it never starts). Round-robin,
+            # same priority, lets them take turns.
+            cmd = ["chrt", "-r", str(os.sched_getparam(0).sched_priority), *cmd]
         notify_path = self.workdir / "notify.sock"
         notify_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(notify_path))
         sock.setblocking(False)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **extra_env}
         env.pop("WATCHDOG_USEC", None)
         loop = asyncio.get_running_loop()
         log = open_log(self.log)
@@ -532,6 +556,9 @@ class RelayProcess:
             admin_socket=str(self.workdir / "admin.sock") if self.exe else None,
         )
         try:
+            if self.name == NODERED:  # no READY=1: ready once its ports accept
+                await nodered.wait_ready(proc, HOST, [tcp_port, ws_port], timeout)
+                return self.relay
             exited = loop.create_task(proc.wait())
             deadline = loop.time() + timeout
             for _ in range(1000):  # datagrams until READY=1
@@ -859,7 +886,7 @@ async def amain(args: argparse.Namespace) -> int:
     if v1 is not None:
         exes[RELAYD_V1] = v1
     for name in relays:
-        if name not in RELAYS and name not in exes:
+        if name not in RELAYS and name not in exes and name != NODERED:
             raise SystemExit(f"unknown relay {name!r} (relayd-v1 needs --relayd-v1)")
     for s in scenarios:
         if s not in SCENARIOS:
@@ -973,7 +1000,7 @@ def override(P: Params, settings: list[str]) -> Params:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="seconds, not minutes (smoke test)")
-    ap.add_argument("--relays", default=",".join(RELAYS))
+    ap.add_argument("--relays", default=",".join(DEFAULT_RELAYS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--repeat", type=int, default=None, help="runs per scenario (3; --quick: 1)")
     ap.add_argument("--markdown", help="write the results table into this file (between markers)")

@@ -67,6 +67,7 @@ class Workers:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     cwd=ROOT,
+                    limit=1 << 26,  # a report carries the latency histogram
                 )
             )
         ready = await asyncio.gather(*(self._read(p, "ready", 300.0) for p in self.procs))
