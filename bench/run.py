@@ -653,7 +653,10 @@ class Profiler:
         if stem.split(".")[0] not in self.scenarios or self.exe is None:
             return
         out = self.outdir / f"{stem}.txt"
+        prio = os.sched_getparam(0).sched_priority  # above the generator, as for relayd
+        chrt = ["chrt", "-f", str(prio + 1)] if prio else []
         proc = await asyncio.create_subprocess_exec(
+            *chrt,
             self.exe,
             "record",
             "--pid",

@@ -37,12 +37,23 @@ class Workers:
         return [p.pid for p in self.procs]
 
     async def start(
-        self, r: Relay, P: Params, clients: int, poll_period: float, sample: int
+        self,
+        r: Relay,
+        P: Params,
+        clients: int,
+        poll_period: float,
+        sample: int,
+        profiled: bool = False,
     ) -> dict[str, Any]:
-        """Start the workers, each with its share of `clients`; wait until all connected."""
+        """Start the workers, each with its share of `clients`; wait until all connected.
+
+        ``profiled``: the first worker runs on asyncio, not uvloop, for py-spy (uvloop
+        calls the Python code from C, where py-spy sees only the loop).
+        """
         n = max(1, min(P.scale_workers, clients))
         shares = [clients // n + (1 if i < clients % n else 0) for i in range(n)]
-        for share in shares:
+        for i, share in enumerate(shares):
+            extra = ["--asyncio"] if profiled and i == 0 else []
             self.procs.append(
                 await asyncio.create_subprocess_exec(
                     sys.executable,
@@ -64,6 +75,7 @@ class Workers:
                     str(sample),
                     "--parallel",
                     str(P.scale_parallel),
+                    *extra,
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     cwd=ROOT,
@@ -128,7 +140,9 @@ async def fanout_scale(
     """P.fanout_devices devices at `rate` lines/s each to `clients` clients in the workers."""
     workers = Workers()
     try:
-        connect = await workers.start(r, P, clients, P.poll_period, P.scale_sample)
+        connect = await workers.start(
+            r, P, clients, P.poll_period, P.scale_sample, profiled=hooks.worker_open is not None
+        )
         prods = await lg.connect_producers(
             P.fanout_devices, lg.line_format(P.line_len), r.host, r.tcp_port
         )
