@@ -70,6 +70,11 @@ RELAYS = ("relayd", "naive", "floor")
 # (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
 RELAYD_H0 = "relayd-h0"
 RELAYD_V1 = "relayd-v1"  # only with --relayd-v1
+# BENCH_V1_V2=1: the --relayd-v1 checkout is a v2 relayd (an earlier commit of this
+# one): configured like relayd and run in the relayd-only scenarios too, so that a
+# change's before/after is measured in one run (bench/RESULTS.md, Downlink).
+V1_IS_V2 = os.environ.get("BENCH_V1_V2") == "1"
+V1_RELAYD_ONLY = (RELAYD_V1,) if V1_IS_V2 else ()
 HOST = "127.0.0.1"
 
 # (metric, how to read "better", target check on relayd's median or None)
@@ -408,7 +413,7 @@ def relay_command(
     if exe is not None:  # a relayd (this checkout's, or another's)
         cfg = workdir / "relayd.toml"
         # relayd-v1 predates the v2 keys; relayd-h0 measures relayd without history.
-        history = None if name == RELAYD_V1 else 0 if name == RELAYD_H0 else 1000
+        history = None if name == RELAYD_V1 and not V1_IS_V2 else 0 if name == RELAYD_H0 else 1000
         relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history)
         return [
             str(exe),
@@ -831,7 +836,7 @@ async def amain(args: argparse.Namespace) -> int:
         for run in range(1, args.repeat + 1):
             for scen in scenarios:
                 for name in relays:
-                    if scen in RELAYD_ONLY and name != "relayd":
+                    if scen in RELAYD_ONLY and name not in ("relayd", *V1_RELAYD_ONLY):
                         continue
                     workdir = Path(tmp) / f"{name}-{scen}-{run}"
                     workdir.mkdir()
