@@ -205,7 +205,9 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
 
     sender = asyncio.create_task(commands())
     try:
-        loaded = await fanout(r, P, hooks, P.fanout_clients[0], connect_devices=connect_devices)
+        loaded = await fanout(
+            r, P, hooks, P.fanout_clients[0], name="downlink50", connect_devices=connect_devices
+        )
     finally:
         try:
             await sender
