@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen as lg
+from bench.procstat import cpu_seconds
 from bench.scenarios import Hooks, Params, Relay, fanout
 
 CLIENTS = 50
@@ -240,3 +241,57 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         }
     )
     return out
+
+
+async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """relayd's CPU time per command: the downlink50 commands alone, no uplink.
+
+    CPU seconds (``/proc``) rather than latency: on a shared machine the relay's
+    core is taken by others at times, which stretches latencies but not the
+    work a command costs. From the first command sent until every device has
+    read every command, so work left over after the sending ends counts too.
+    """
+    try:
+        cmd_port = _command_port(r)
+    except Exception as e:  # the reference relays: no /status.json, no downlink
+        return {"downlink_error": f"{type(e).__name__}: {e}"[:200]}
+    lat = lg.Latency()
+    fmt = lg.line_format(P.line_len)
+    devices: list[CommandDevice] = [
+        await lg._connect(lambda pid=pid: CommandDevice(pid, fmt, lat), r.host, r.tcp_port)
+        for pid in range(P.fanout_devices)
+    ]
+    procs = await _command_processes(r, cmd_port, PROCESSES)
+    n = Counts()
+    try:
+        url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"
+        await _all_connected(url, r.tcp_port, P.fanout_devices)
+        probes = sum(d.read for d in devices)
+        cpu0 = cpu_seconds(r.proc.pid)
+        start = time.monotonic() + 0.05
+        lat.on = True
+        await _commands(procs, start, start + P.fanout_s, n)
+        expected = probes + n.sent * P.fanout_devices
+        for _ in range(3000):  # up to 30 s for what the relay still holds
+            if sum(d.read for d in devices) >= expected:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise TimeoutError("the devices did not read every command in 30 s")
+        cpu = cpu_seconds(r.proc.pid) - cpu0
+    finally:
+        for dev in devices:
+            dev.close_now()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return {
+        "commands_sent": n.sent,
+        "command_errors": n.errors,
+        "relay_cpu_s": round(cpu, 3),
+        "relay_cpu_us_per_command": round(cpu / n.sent * 1e6, 1) if n.sent else None,
+        "cmd_p50_ms": lg._r(lat.percentile(0.5)),
+        "cmd_p99_ms": lg._r(lat.percentile(0.99)),
+        "cmdgen_cpu_pct": n.cpu_pct,
+    }

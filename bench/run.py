@@ -52,7 +52,7 @@ BENCH_SITE = ROOT / ".venv" / "bench-site"
 if BENCH_SITE.is_dir():
     sys.path.insert(0, str(BENCH_SITE))
 
-from bench.downlink import downlink50  # noqa: E402
+from bench.downlink import downlink50, downlink_cost  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     RELAYD_ONLY,
@@ -64,6 +64,7 @@ from bench.scenarios import (  # noqa: E402
 )
 
 SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
+SCENARIOS["downlink_cost"] = downlink_cost  # issue 12: relayd's CPU per command, no uplink
 
 RELAYS = ("relayd", "naive", "floor")
 # Not run by default: relayd with [relay] history = 0, for the cost of history
@@ -153,6 +154,13 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("lost", "0", _le("lost", 0)),
         ("p99_ms", "", None),
         ("relay_cpu_pct", "", None),
+    ],
+    "downlink_cost": [
+        ("relay_cpu_us_per_command", "", None),
+        ("commands_sent", "", None),
+        ("command_errors", "0", _le("command_errors", 0)),
+        ("cmd_p50_ms", "", None),
+        ("cmd_p99_ms", "", None),
     ],
     "downlink50": [
         ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
