@@ -269,6 +269,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         probes = sum(d.read for d in devices)
         cpu0 = cpu_seconds(r.proc.pid)
         start = time.monotonic() + 0.05
+        await hooks.opened(r, "downlink_cost", P.fanout_s)  # --profile: py-spy from here
         lat.on = True
         await _commands(procs, start, start + P.fanout_s, n)
         # Every command acked was put in some devices' buffers (with refusals, in
