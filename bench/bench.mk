@@ -16,6 +16,10 @@
 # them with fanout50 / connect_none (see bench/RESULTS.md). `--set KEY=VALUE` in
 # BENCH_ARGS shortens a scenario (e.g. --set fanout_s=5) on a busy machine.
 #
+# Downlink (issue 12): downlink50 and downlink_cost (relayd's CPU per command).
+# BENCH_V1_V2=1 with BENCH_V1 = a checkout of an earlier commit of this relayd:
+# configured as a v2 relayd and run in every scenario, for a before/after in one run.
+#
 # Bench-only dependencies (uvloop for the load generator, py-spy) are installed into
 # .venv/bench-site, which only the generator puts on its path: relayd must not pick
 # uvloop up by accident (uvicorn's loop="auto" would), so it is measured as shipped.
