@@ -18,6 +18,9 @@
 #
 # Issue 17: relay "nodered" (Node-RED, installed by bench-deps when npm is there) joins
 # the default relays; fanout1000, fanout5000 and idle10k run on relayd (make bench-scale).
+# Downlink (issue 12): downlink50 and downlink_cost (relayd's CPU per command).
+# BENCH_V1_V2=1 with BENCH_V1 = a checkout of an earlier commit of this relayd:
+# configured as a v2 relayd and run in every scenario, for a before/after in one run.
 #
 # Bench-only dependencies (uvloop for the load generator, py-spy) are installed into
 # .venv/bench-site, which only the generator puts on its path: relayd must not pick

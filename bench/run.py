@@ -58,7 +58,7 @@ if BENCH_SITE.is_dir():
     sys.path.insert(0, str(BENCH_SITE))
 
 from bench import nodered  # noqa: E402
-from bench.downlink import downlink50  # noqa: E402
+from bench.downlink import downlink50, downlink_cost  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
 from bench.scale import SCALE  # noqa: E402
 from bench.scale import SCENARIOS as SCALE_SCENARIOS  # noqa: E402
@@ -75,6 +75,7 @@ SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`
 SCENARIOS.update(SCALE_SCENARIOS)  # issue 17: fanout1000, fanout5000, idle10k
 RELAYD_ONLY = RELAYD_ONLY | SCALE
 SCENARIOS["payload"] = nodered.same_payload  # issue 17: do the relays' frames compare?
+SCENARIOS["downlink_cost"] = downlink_cost  # issue 12: relayd's CPU per command, no uplink
 
 RELAYS = ("relayd", "naive", "floor")
 # issue 17: Node-RED (bench/nodered.py), in the default set once `make bench-deps` installed it
@@ -84,6 +85,11 @@ DEFAULT_RELAYS = (*RELAYS, NODERED) if nodered.installed() else RELAYS
 # (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
 RELAYD_H0 = "relayd-h0"
 RELAYD_V1 = "relayd-v1"  # only with --relayd-v1
+# BENCH_V1_V2=1: the --relayd-v1 checkout is a v2 relayd (an earlier commit of this
+# one): configured like relayd and run in the relayd-only scenarios too, so that a
+# change's before/after is measured in one run (bench/RESULTS.md, Downlink).
+V1_IS_V2 = os.environ.get("BENCH_V1_V2") == "1"
+V1_RELAYD_ONLY = (RELAYD_V1,) if V1_IS_V2 else ()
 HOST = "127.0.0.1"
 
 # (metric, how to read "better", target check on relayd's median or None)
@@ -162,6 +168,13 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("lost", "0", _le("lost", 0)),
         ("p99_ms", "", None),
         ("relay_cpu_pct", "", None),
+    ],
+    "downlink_cost": [
+        ("relay_cpu_us_per_command", "", None),
+        ("commands_sent", "", None),
+        ("command_errors", "0", _le("command_errors", 0)),
+        ("cmd_p50_ms", "", None),
+        ("cmd_p99_ms", "", None),
     ],
     "downlink50": [
         ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
@@ -461,7 +474,7 @@ def relay_command(
     if exe is not None:  # a relayd (this checkout's, or another's)
         cfg = workdir / "relayd.toml"
         # relayd-v1 predates the v2 keys; relayd-h0 measures relayd without history.
-        history = None if name == RELAYD_V1 else 0 if name == RELAYD_H0 else 1000
+        history = None if name == RELAYD_V1 and not V1_IS_V2 else 0 if name == RELAYD_H0 else 1000
         relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history)
         return [
             str(exe),
@@ -926,7 +939,7 @@ async def amain(args: argparse.Namespace) -> int:
         for run in range(1, args.repeat + 1):
             for scen in scenarios:
                 for name in relays:
-                    if scen in RELAYD_ONLY and name != "relayd":
+                    if scen in RELAYD_ONLY and name not in ("relayd", *V1_RELAYD_ONLY):
                         continue
                     workdir = Path(tmp) / f"{name}-{scen}-{run}"
                     workdir.mkdir()
