@@ -258,3 +258,27 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
         assert base <= wait <= base * 1.25
     backoff.reset()
     assert backoff.next() <= 0.625
+
+
+async def test_length_over_max_message_hangs_up_counts_and_dials_again(
+    tmp_path: Path, notify: NotifySocket, device_server: DeviceServer
+) -> None:
+    number = free_port()
+    more = 'framing = "length"\nlength_prefix = "u16be"'
+    extra = "[relay]\nmax_message = 16\n" + source(number, f"127.0.0.1:{device_server.port}", more)
+    async with run_daemon(tmp_path, notify, nports=0, extra=extra) as d:
+        async with connect(f"{d.ws_url}?port={number}") as ws:
+            await device_server.send(b"\x00\x02ok\x00\x11")  # then 17 bytes announced: too long
+            assert await recv(ws) == ["ok"]
+            async with asyncio.timeout(5_000 * MS):
+                await device_server.disconnected.wait()  # relayd hung up
+            # ... and dials again on its own: a second connection, which relays.
+            await wait_until(lambda: len(device_server.writers) == 2)
+            await device_server.send(b"\x00\x02go")
+            assert await recv(ws) == ["go"]
+        source_obj = d.runtime.registry.get(number)
+        assert source_obj.framing_errors == {"too_long": 1}
+        assert source_obj.reconnects >= 1
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{d.url}/metrics")).text
+        assert f'relayd_framing_errors_total{{port="{number}",reason="too_long"}} 1.0' in text
