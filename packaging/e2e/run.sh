@@ -461,7 +461,7 @@ serial_state() { # serial_state PORT: "STATE|LAST_ERROR" from relayctl ports sho
 
 # serial_wait PORT PATTERN: wait 15 s at most for serial_state to match PATTERN (grep -E).
 serial_wait() {
-	local got= end=$((SECONDS + 15))
+	local got='' end=$((SECONDS + 15))
 	while [ "$SECONDS" -lt "$end" ]; do
 		got=$(serial_state "$1") || true
 		grep -Eq "$2" <<<"$got" && { echo "port $1: $got"; return 0; }
