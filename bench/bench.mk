@@ -80,3 +80,12 @@ BENCH_SPOOL_ARGS ?=
 .PHONY: bench-spool
 bench-spool:
 	$(BENCH_PY) -m bench.spool $(BENCH_SPOOL_ARGS)
+
+# Sources (issue 14): a `connect` source flat out vs the same load on a listener
+# (lines/s and per relayd CPU-second, target connect/listen >= 0.9), and a serial
+# pty at 115200 baud for 20 s (no loss, in order). `BENCH_SOURCES_ARGS='--seconds 2
+# --repeat 1 --serial-s 3'` for a smoke run.
+BENCH_SOURCES_ARGS ?=
+.PHONY: bench-sources
+bench-sources: bench-deps
+	$(BENCH_PY) -m bench.sources $(BENCH_SOURCES_ARGS)

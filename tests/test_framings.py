@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 from pathlib import Path
 
@@ -11,7 +12,17 @@ from websockets.asyncio.client import connect
 
 from relayd.config import Settings
 from relayd.errors import ConfigError
-from tests.helpers import NotifySocket, recv, run_daemon, send_device, wait_until
+from relayd.framing import make_framer
+from tests.helpers import (
+    Daemon,
+    NotifySocket,
+    device,
+    free_port,
+    recv,
+    run_daemon,
+    send_device,
+    wait_until,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -147,3 +158,77 @@ def test_framing_keys_are_checked(tmp_path: Path, entry: str, problem: str) -> N
     found = problems(tmp_path, f"[[ports]]\nport = 8001\n{entry}\n")
     assert len(found) == 1
     assert found[0].startswith(problem), found
+
+
+# Every framing through the real daemon, one device's bytes cut into reads at
+# random places (each piece is read on its own: the test waits until relayd has
+# counted it): the messages are those of the framer fed the whole stream at
+# once. A marker from a second device afterwards shows that nothing more came.
+SPLIT_FRAMINGS = {
+    "lines": ('framing = "lines"\n', {}),
+    "delimiter": (
+        'framing = "delimiter"\ndelimiter = "\\r\\u0003"\n',
+        {"delimiter": b"\r\x03"},
+    ),
+    "length": ('framing = "length"\nlength_prefix = "u16le"\n', {"length_prefix": "u16le"}),
+    "fixed": ('framing = "fixed"\nsize = 5\n', {"size": 5}),
+}
+
+
+def _stream(framing: str, rng: random.Random) -> bytes:
+    """A device's bytes: messages of random bytes, framed (the last may be partial)."""
+    alphabet = b"ab\r\n\x00\x03\xff\xc3\xa4"  # delimiters' bytes and a split UTF-8 character
+    msgs = [bytes(rng.choices(alphabet, k=rng.randint(0, 12))) for _ in range(rng.randint(1, 8))]
+    if framing == "length":
+        data = b"".join(struct.pack("<H", len(m)) + m for m in msgs)
+    elif framing == "fixed":
+        data = b"".join(msgs)
+    else:
+        sep = b"\n" if framing == "lines" else b"\r\x03"
+        data = sep.join(msgs)
+    return data[: rng.randint(len(data) * 3 // 4, len(data))]  # a cut-off end, at times
+
+
+def _marker(framing: str) -> bytes:
+    return {"lines": b"END\n", "delimiter": b"END\r\x03", "length": b"\x03\x00END"}.get(
+        framing, b"END\x00\x00"
+    )
+
+
+async def _relayed(d: Daemon, port: int, pieces: list[bytes], marker: bytes, n: int) -> list[bytes]:
+    """What a client of ``port`` gets when a device sends ``pieces`` as reads, then ``marker``."""
+    listener = d.runtime.registry.get(port)
+    async with connect(f"{d.ws_url}?port={port}") as ws:
+        sock = await device(port)
+        try:
+            for piece in pieces:
+                total = listener.bytes_received + len(piece)
+                sock.send(piece)
+                await wait_until(lambda t=total: listener.bytes_received == t)
+        finally:
+            sock.close()
+        await wait_until(lambda: not listener.connections)
+        await send_device(port, marker)
+        got = await recv(ws, n)
+    return [m.encode() if isinstance(m, str) else m for m in got]
+
+
+async def test_byte_exact_under_random_read_splits(tmp_path: Path, notify: NotifySocket) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    numbers = {name: free_port() for name in SPLIT_FRAMINGS}
+    extra = "".join(
+        f'[[ports]]\nport = {numbers[name]}\nhost = "127.0.0.1"\n{keys}\n'
+        for name, (keys, _) in SPLIT_FRAMINGS.items()
+    )
+    async with run_daemon(tmp_path, notify, nports=0, extra=extra) as d:
+        for _ in range(3):
+            for name, (_, params) in SPLIT_FRAMINGS.items():
+                data = _stream(name, rng)
+                framer = make_framer(name, max_message=65536, **params)  # type: ignore[arg-type]
+                marker = make_framer(name, max_message=65536, **params).feed(_marker(name))  # type: ignore[arg-type]
+                expected = framer.feed(data) + framer.close() + marker
+                cuts = sorted(rng.sample(range(1, len(data)), min(max(len(data) - 1, 0), 6)))
+                pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+                got = await _relayed(d, numbers[name], pieces, _marker(name), len(expected))
+                assert got == expected, f"{name}, seed {seed}, pieces {pieces!r}"

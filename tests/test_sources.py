@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -258,3 +259,59 @@ def test_backoff_doubles_to_the_cap_with_jitter() -> None:
         assert base <= wait <= base * 1.25
     backoff.reset()
     assert backoff.next() <= 0.625
+
+
+async def test_length_over_max_message_hangs_up_counts_and_dials_again(
+    tmp_path: Path, notify: NotifySocket, device_server: DeviceServer
+) -> None:
+    number = free_port()
+    more = 'framing = "length"\nlength_prefix = "u16be"'
+    extra = "[relay]\nmax_message = 16\n" + source(number, f"127.0.0.1:{device_server.port}", more)
+    async with run_daemon(tmp_path, notify, nports=0, extra=extra) as d:
+        async with connect(f"{d.ws_url}?port={number}") as ws:
+            await device_server.send(b"\x00\x02ok\x00\x11")  # then 17 bytes announced: too long
+            assert await recv(ws) == ["ok"]
+            async with asyncio.timeout(5_000 * MS):
+                await device_server.disconnected.wait()  # relayd hung up
+            # ... and dials again on its own: a second connection, which relays.
+            await wait_until(lambda: len(device_server.writers) == 2)
+            await device_server.send(b"\x00\x02go")
+            assert await recv(ws) == ["go"]
+        source_obj = d.runtime.registry.get(number)
+        assert source_obj.framing_errors == {"too_long": 1}
+        assert source_obj.reconnects >= 1
+        async with httpx.AsyncClient() as http:
+            text = (await http.get(f"{d.url}/metrics")).text
+        assert f'relayd_framing_errors_total{{port="{number}",reason="too_long"}} 1.0' in text
+
+
+async def test_a_name_with_several_addresses_is_tried_address_by_address(
+    tmp_path: Path,
+    notify: NotifySocket,
+    device_server: DeviceServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # "nport.test" resolves to 127.0.0.2 first, where nobody listens (refused),
+    # then to 127.0.0.1, the device server: relayd must reach the second.
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+    asked: list[str] = []
+
+    async def getaddrinfo(host: object, port: object, *args: object, **kwargs: object) -> object:
+        if host != "nport.test":
+            return await resolve(host, port, *args, **kwargs)  # type: ignore[arg-type]
+        asked.append(host)
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (ip, port))
+            for ip in ("127.0.0.2", "127.0.0.1")
+        ]
+
+    monkeypatch.setattr(loop, "getaddrinfo", getaddrinfo)
+    number = free_port()
+    extra = source(number, f"nport.test:{device_server.port}")
+    async with run_daemon(tmp_path, notify, nports=0, extra=extra) as d:
+        async with connect(f"{d.ws_url}?port={number}") as ws:
+            await device_server.send(b"via the second address\n")
+            assert await recv(ws) == ["via the second address"]
+        assert asked == ["nport.test"]  # one attempt reached it: no backoff round
+        assert d.runtime.registry.get(number).reconnects == 0

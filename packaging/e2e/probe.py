@@ -24,6 +24,10 @@ Python that has the ``websockets`` library (the repository's .venv).
                                           stopped) expect the partial line,
                                           the device closed by the daemon and
                                           the WebSocket closed with 1001
+    probe.py expect WS_URL TEXT           subscribe, print READY, then expect
+                                          TEXT as the next message (a device
+                                          outside the probe's reach sends it,
+                                          e.g. on a serial line)
 
 Exit status 0 when the expectation holds, 1 otherwise, with one line saying why.
 """
@@ -179,6 +183,20 @@ async def drain(ws_url: str, device: str, headers: Headers) -> str:
     )
 
 
+# --- serial source (issue 14): the line is written by run.sh in the container --
+
+
+async def expect(ws_url: str, text: str, headers: Headers) -> str:
+    async with ws_connect(ws_url, headers) as ws:
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        async with asyncio.timeout(TIMEOUT):
+            got = await ws.recv()
+    if got != text:
+        raise AssertionError(f"WebSocket got {got!r}, expected {text!r}")
+    return f"{shown(ws_url)}: {got!r}"
+
+
 def main(argv: list[str]) -> int:
     headers: Headers = {}
     if argv[:1] == ["--bearer"]:
@@ -200,6 +218,8 @@ def main(argv: list[str]) -> int:
             result = asyncio.run(relay(args[0], args[1], args[2], headers))
         elif command == "drain":
             result = asyncio.run(drain(args[0], args[1], headers))
+        elif command == "expect":
+            result = asyncio.run(expect(args[0], args[1], headers))
         else:
             sys.stderr.write(f"probe: unknown command {command}\n")
             return 2

@@ -446,6 +446,105 @@ purge_leaves_nothing() {
 	echo "nothing left behind"
 }
 
+# --- serial source (issue 14): a socat pty, the drop-in relayd(8) shows ------
+#
+# socat makes two ptys in the container; each one's slave is linked to
+# /dev/ttyE2E<N>, group dialout, mode 0660 (like a USB adapter's node), and
+# socat copies what is written to the FIFO /run/e2e-serial<N> into its master
+# (one way, so a writer closing the FIFO or relayd closing the line ends
+# nothing). relayd reads 18201 (added at runtime) and 18202 (relayd.toml).
+
+serial_state() { # serial_state PORT: "STATE|LAST_ERROR" from relayctl ports show --json
+	in_ct relayctl ports show "$1" --json |
+		python3 -c 'import json, sys; p = json.load(sys.stdin); print(p.get("state"), p.get("last_error") or "", sep="|")'
+}
+
+# serial_wait PORT PATTERN: wait 15 s at most for serial_state to match PATTERN (grep -E).
+serial_wait() {
+	local got='' end=$((SECONDS + 15))
+	while [ "$SECONDS" -lt "$end" ]; do
+		got=$(serial_state "$1") || true
+		grep -Eq "$2" <<<"$got" && { echo "port $1: $got"; return 0; }
+		sleep 0.2
+	done
+	echo "port $1: '$got', expected /$2/"
+	return 1
+}
+
+serial_ptys() {
+	(
+		exec 8>"$archives/.lock"
+		flock 8
+		in_ct_hostnet apt-get -o Acquire::Retries=3 install -y -q --no-install-recommends socat |
+			grep -E '^Setting up ' || true
+	)
+	local n
+	for n in 0 1; do
+		# -U: from the FIFO (opened second: that blocks until a writer) to the pty
+		in_ct systemd-run --quiet --unit="e2e-serial$n" socat -U \
+			"PTY,rawer,link=/dev/ttyE2E$n,group-late=dialout,perm-late=660" \
+			"PIPE:/run/e2e-serial$n,ignoreeof"
+	done
+	for _ in $(seq 100); do
+		in_ct test -e /dev/ttyE2E0 -a -e /dev/ttyE2E1 && break
+		sleep 0.1
+	done
+	in_ct ls -lL /dev/ttyE2E0 /dev/ttyE2E1
+	[ "$(in_ct stat -L -c '%a %G' /dev/ttyE2E0)" = "660 dialout" ]
+}
+
+serial_without_dropin() {
+	# The hardened unit sees no /dev/ttyE2E0: the addition is still 201, the
+	# port says why it is waiting, relayd carries on.
+	in_ct relayctl ports add 18201 --serial /dev/ttyE2E0 --baudrate 115200 --name e2e-serial
+	serial_wait 18201 '^connecting\|.+' || return 1
+	in_ct relayctl ports show 18201
+	[ "$(in_ct systemctl is-active relayd)" = active ]
+}
+
+serial_dropin() {
+	# Exactly the drop-in of relayd(8), "A serial device under systemd", for
+	# the two lines; 18202 comes from relayd.toml.
+	in_ct mkdir -p /etc/systemd/system/relayd.service.d
+	in_ct sh -c 'printf "[Service]\nPrivateDevices=no\nDeviceAllow=/dev/ttyE2E0 rw\nDeviceAllow=/dev/ttyE2E1 rw\nSupplementaryGroups=dialout\n" > /etc/systemd/system/relayd.service.d/serial.conf'
+	in_ct cat /etc/systemd/system/relayd.service.d/serial.conf
+	in_ct sh -c 'printf "\n[[ports]]\nport = 18202\nname = \"e2e-serial-config\"\nserial = \"/dev/ttyE2E1\"\nbaudrate = 9600\n" >> /etc/relayd/relayd.toml'
+	in_ct relayd --check-config --config /etc/relayd/relayd.toml
+	in_ct systemctl daemon-reload
+	in_ct timeout 60 systemctl restart relayd
+	serial_wait 18201 '^connected\|$' && serial_wait 18202 '^connected\|$'
+}
+
+# serial_relay PORT TEXT: TEXT written on PORT's line reaches a WebSocket client.
+serial_relay() {
+	local n=$(($1 - 18201)) out=$work/serial-$1.out rc=0
+	probe --bearer "$(token)" expect "ws://127.0.0.1:8000/ws?port=$1" "$2" >"$out" 2>&1 &
+	local probe_pid=$!
+	for _ in $(seq 100); do
+		grep -q READY "$out" && break
+		kill -0 "$probe_pid" 2>/dev/null || break
+		sleep 0.1
+	done
+	grep -q READY "$out" || { cat "$out"; kill "$probe_pid" 2>/dev/null; return 1; }
+	in_ct sh -c "printf '%s\r\n' '$2' > /run/e2e-serial$n"
+	wait "$probe_pid" || rc=$?
+	grep -v READY "$out" || true
+	return "$rc"
+}
+
+serial_relays() {
+	serial_relay 18201 "serial line, runtime port" && serial_relay 18202 "serial line, relayd.toml port"
+}
+
+serial_dropin_removed() {
+	# Back to the packaged hardening (the later checks need it): both ports
+	# wait again, with a reason, and relayd runs.
+	in_ct rm -r /etc/systemd/system/relayd.service.d
+	in_ct systemctl daemon-reload
+	in_ct timeout 60 systemctl restart relayd
+	serial_wait 18201 '^connecting\|.+' && serial_wait 18202 '^connecting\|.+'
+}
+
 log "testing $deb in $root"
 start_container || true
 require "boot Debian 13 under systemd-nspawn" booted
@@ -470,6 +569,11 @@ check "systemctl restart keeps runtime port 18004" restart_keeps_port
 check "watchdog: pings keep the service up at WatchdogSec=2s" watchdog
 check "member of group relayd can use relayctl" group_member
 check "non-member refused with exit 69 and a hint, no traceback" non_member
+check "serial: socat pty pair /dev/ttyE2E0-1, group dialout, 0660" serial_ptys
+check "serial: without the drop-in, ports add --serial is 201 and the port says why" serial_without_dropin
+check "serial: relayd(8)'s drop-in, then both serial ports are connected" serial_dropin
+check "serial: a line written on each pty reaches a WebSocket client" serial_relays
+check "serial: drop-in removed, the ports wait again with a reason" serial_dropin_removed
 check "systemd-analyze security relayd (live) <= 2.0" security_live
 check "systemctl stop drains: Result=success within 8 s" stop_drains
 check "no Python traceback in the journal" no_traceback_in_journal

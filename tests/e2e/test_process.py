@@ -102,6 +102,14 @@ def test_shipped_example_config_is_valid(relayd_main: Callable[..., Outcome]) ->
             ["ports[0].port", "ports[0].framing"],
         ),
         ("[http\n", ["invalid TOML"]),
+        (  # relayd.toml(5), SOURCES: one source per entry
+            '[[ports]]\nport = 9001\nconnect = "192.0.2.40:4001"\nserial = "/dev/ttyS0"\n',
+            ["connect and serial exclude each other"],
+        ),
+        (
+            '[[ports]]\nport = 9001\nserial = "/dev/ttyS0"\nframing = "length"\n',
+            ["ports[0]: length_prefix is required"],
+        ),
     ],
 )
 def test_config_errors_exit_78_naming_the_key(
