@@ -45,3 +45,9 @@ bench-quick: bench-deps
 bench-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios throughput,fanout200 \
 	  --profile bench/results/profile $(BENCH_V1_ARG) $(BENCH_ARGS)
+
+# Footprint (issue 17 part 2): idle RSS, exec -> READY=1 and `relayctl status` wall time
+# with the packaged config (medians of 5), and the -X importtime breakdown of both.
+.PHONY: bench-footprint
+bench-footprint: bench-deps
+	$(BENCH_PY) -m bench.footprint --repeat 5 $(BENCH_FOOTPRINT_ARGS)
