@@ -164,7 +164,7 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
-    registry = metrics.make_registry(runtime)
+    scrape = metrics.Metrics(runtime)
 
     def authorize(request: Request, *, token_required: bool | None = None) -> Grant:
         """The request's grant (relayd(8), ACCESS CONTROL), or HTTPException 401/403."""
@@ -198,7 +198,7 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
     async def get_metrics(request: Request) -> Response:
         auth = runtime.settings.auth
         authorize(request, token_required=auth.mode == "token" and auth.metrics == "token")
-        return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
+        return Response(scrape.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/ws", include_in_schema=False)
     async def ws_without_upgrade() -> JSONResponse:
