@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from tests.helpers import MS, config_text, free_port
@@ -86,3 +88,48 @@ def test_idle_daemon_loads_the_admin_api_and_metrics_on_first_use(tmp_path: Path
     assert report["ready"] == []
     assert (report["status"], report["after_admin"]) == ("200", ["fastapi"])
     assert (report["metrics"], report["after_metrics"]) == ("200", ["fastapi", "prometheus_client"])
+
+
+RELAYCTL = """
+import json, sys
+from relayd.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("httpx", "websockets", "rich", "fastapi") if m in sys.modules)
+sys.stdout.write(json.dumps({"code": code, "heavy": heavy}) + "\\n")
+"""
+
+
+def test_relayctl_plain_commands_do_not_import_httpx(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    requests: list[bytes] = []
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(20_000 * MS)
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                requests.append(conn.recv(65536))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\n[]"
+                )
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", RELAYCTL, "--socket", str(path), "ports", "list", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=30_000 * MS,
+                check=False,
+            )
+        finally:
+            thread.join(30_000 * MS)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[-1]) == {"code": 0, "heavy": []}
+    assert requests[0].startswith(b"GET /v1/ports HTTP/1.1\r\n")
+    assert b"\r\nUser-Agent: relayctl/" in requests[0]
