@@ -18,8 +18,19 @@ from pathlib import Path
 
 from tests.helpers import MS, config_text, free_port
 
-# Never loaded by an idle daemon with a config like the packaged one.
-HEAVY = ("fastapi", "prometheus_client", "jwt", "cryptography", "httpx", "paho", "typer", "rich")
+# Never loaded by an idle daemon with a config like the packaged one (pyserial:
+# serial sources; paho: [mqtt]).
+HEAVY = (
+    "fastapi",
+    "prometheus_client",
+    "jwt",
+    "cryptography",
+    "serial",
+    "httpx",
+    "paho",
+    "typer",
+    "rich",
+)
 
 SCRIPT = """
 import asyncio, json, sys
