@@ -89,3 +89,9 @@ BENCH_SOURCES_ARGS ?=
 .PHONY: bench-sources
 bench-sources: bench-deps
 	$(BENCH_PY) -m bench.sources $(BENCH_SOURCES_ARGS)
+
+# Footprint (issue 17 part 2): idle RSS, exec -> READY=1 and `relayctl status` wall time
+# with the packaged config (medians of 5), and the -X importtime breakdown of both.
+.PHONY: bench-footprint
+bench-footprint: bench-deps
+	$(BENCH_PY) -m bench.footprint --repeat 5 $(BENCH_FOOTPRINT_ARGS)

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from relayd import __version__
 from relayd.access import ADMIN
+from relayd.app import MAX_BODY, send_body_limit  # noqa: F401  # send_body_limit: tests
 from relayd.config import Host, PortNumber, PortSettings, format_loc
 from relayd.downlink import Refusal
 from relayd.errors import (
@@ -36,13 +37,6 @@ from relayd.parsing import ALL, MAX_DURATION, ports_from_json
 from relayd.runtime import Runtime
 
 logger = logging.getLogger(__name__)
-
-MAX_BODY = 64 * 1024  # bytes: admin requests are small JSON objects
-
-
-def send_body_limit(max_message: int) -> int:
-    """The largest ``/send`` body: ``max_message`` bytes in base64, a peer and the keys."""
-    return 4 * -(-max_message // 3) + 1024
 
 
 class ErrorOut(BaseModel):

@@ -1,21 +1,40 @@
-"""The FastAPI application: health, readiness, metrics, ``/ws`` and the admin API."""
+"""The ASGI application: health, readiness, metrics, ``/ws``, the status page and the admin API.
+
+The public routes are plain Starlette routes. The admin API (FastAPI, its
+pydantic models and OpenAPI schema) is built on the first admin request, in a
+thread so the loop keeps relaying meanwhile: a daemon nobody administers does
+not carry it (relayd(8), ADMIN API). Errors are ``{"detail": ...}`` JSON on both.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from starlette.applications import Starlette
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relayd import __version__, api, metrics, statuspage
+from relayd import metrics, statuspage
 from relayd.auth import AuthFailure, Grant
 from relayd.listeners import format_peer
 from relayd.runtime import Runtime
 from relayd.ws import refusal
+
+MAX_BODY = 64 * 1024  # bytes: admin requests are small JSON objects
+
+
+def send_body_limit(max_message: int) -> int:
+    """The largest ``/send`` body: ``max_message`` bytes in base64, a peer and the keys."""
+    return 4 * -(-max_message // 3) + 1024
+
 
 ADMIN_PREFIXES = ("/v1/", "/openapi.json", "/docs", "/redoc")
 
@@ -82,7 +101,7 @@ class BodyLimit:
     def __init__(
         self,
         app: ASGIApp,
-        max_body: int = api.MAX_BODY,
+        max_body: int = MAX_BODY,
         send_body: Callable[[], int] | None = None,
     ) -> None:
         self.app = app
@@ -148,23 +167,78 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
+async def http_error(request: Request, exc: Exception) -> Response:
+    """As FastAPI answers an HTTPException: ``{"detail": ...}``, no body for 204 and 304."""
+    assert isinstance(exc, HTTPException)
+    if exc.status_code in (204, 304) or exc.status_code < 200:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+
+def get_route(path: str, endpoint: Callable[..., object]) -> Route:
+    """A GET route that, like FastAPI's, answers HEAD with 405 (Starlette would add HEAD)."""
+    route = Route(path, endpoint, methods=["GET"])
+    assert route.methods is not None
+    route.methods.discard("HEAD")
+    return route
+
+
+class LazyAdmin:
+    """The admin API's FastAPI app, built once, off the loop, by the first admin request."""
+
+    def __init__(self, build: Callable[[], ASGIApp]) -> None:
+        self._build = build
+        self._app: ASGIApp | None = None
+        self._building: asyncio.Task[ASGIApp] | None = None
+
+    async def app(self) -> ASGIApp:
+        if self._app is None:
+            if self._building is None:
+                self._building = asyncio.create_task(asyncio.to_thread(self._build))
+            try:
+                self._app = await asyncio.shield(self._building)
+            except Exception:
+                self._building = None  # the next request tries again
+                raise
+        return self._app
+
+
+class AdminDispatch:
+    """Admin paths go to the admin API, the rest to the public routes."""
+
+    def __init__(self, app: ASGIApp, admin: LazyAdmin) -> None:
+        self.app = app
+        self.admin = admin
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(ADMIN_PREFIXES):
+            app = await self.admin.app()
+            await app(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_admin(runtime: Runtime) -> ASGIApp:
+    """The admin API: FastAPI with relayd's routes, models and error answers."""
+    from fastapi import FastAPI
+
+    from relayd import __version__, api
+
+    app = FastAPI(title="relayd", version=__version__, docs_url=None, redoc_url=None)
+    api.install(app, runtime)
+    return app
+
+
+def create_app(runtime: Runtime, *, admin_token: str | None = None) -> Starlette:
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await runtime.start_listeners()  # on the sockets relayd.server bound before
         try:
             yield
         finally:
             await runtime.shutdown()  # a no-op: relayd.server drained before uvicorn stops
 
-    app = FastAPI(
-        title="relayd",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-    )
-    registry = metrics.make_registry(runtime)
+    scrape = metrics.Metrics(runtime)
 
     def authorize(request: Request, *, token_required: bool | None = None) -> Grant:
         """The request's grant (relayd(8), ACCESS CONTROL), or HTTPException 401/403."""
@@ -183,25 +257,19 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
             raise HTTPException(refused.status, refused.reason, headers=dict(refused.headers))
         return result
 
-    app.state.authorize = authorize  # statuspage.visible_ports: same rules as /ws
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
+    async def readyz(request: Request) -> Response:
         phase = runtime.phase
         return JSONResponse({"status": phase}, status_code=200 if phase == "ready" else 503)
 
-    @app.get("/metrics", include_in_schema=False)
     async def get_metrics(request: Request) -> Response:
         auth = runtime.settings.auth
         authorize(request, token_required=auth.mode == "token" and auth.metrics == "token")
-        return Response(metrics.render(registry), media_type="text/plain; version=0.0.4")
+        return Response(scrape.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/ws", include_in_schema=False)
-    async def ws_without_upgrade() -> JSONResponse:
+    async def ws_without_upgrade(request: Request) -> Response:
         # A WebSocket handshake never reaches the app: relayd.wsconn owns /ws.
         return JSONResponse(
             {"detail": "/ws is a WebSocket endpoint: connect with a WebSocket client"},
@@ -209,11 +277,26 @@ def create_app(runtime: Runtime, *, admin_token: str | None = None) -> FastAPI:
             headers={"Upgrade": "websocket", "Connection": "Upgrade"},
         )
 
-    app.include_router(statuspage.create_router(runtime))
-    api.install(app, runtime)
-    # Inside the gate: refused requests are not read at all.
-    app.add_middleware(
-        BodyLimit, send_body=lambda: api.send_body_limit(runtime.settings.relay.max_message)
+    routes = [
+        get_route("/healthz", healthz),
+        get_route("/readyz", readyz),
+        get_route("/metrics", get_metrics),
+        get_route("/ws", ws_without_upgrade),
+        *(get_route(path, endpoint) for path, endpoint in statuspage.endpoints(runtime)),
+    ]
+    admin = LazyAdmin(lambda: build_admin(runtime))
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
+        middleware=[
+            Middleware(AdminGate, token=admin_token),
+            # Inside the gate: refused requests are not read at all.
+            Middleware(
+                BodyLimit, send_body=lambda: send_body_limit(runtime.settings.relay.max_message)
+            ),
+            Middleware(AdminDispatch, admin=admin),
+        ],
     )
-    app.add_middleware(AdminGate, token=admin_token)
+    app.state.authorize = authorize  # statuspage.visible_ports: same rules as /ws
     return app

@@ -6,8 +6,10 @@ the admin Unix socket by default or over ``--url`` with a bearer token;
 relayctl(1)'s exit codes here: relayd refused (1, with its ``detail``), a bad
 ``--url`` (2, a usage error), relayd cannot be reached (69, with a hint).
 
-httpx and websockets are imported where a request is made, not at import
-time: ``relayctl --help`` and ``--version`` do not pay for them.
+A request on the admin socket goes through ``http.client`` (``UnixHTTPConnection``):
+the plain commands never import httpx, whose import alone takes longer than the
+request. httpx serves ``--url`` (TCP, TLS) and websockets ``tail``; both are
+imported where they are used, not at import time.
 
 The network below httpx is replaceable: pass ``obj=httpx.MockTransport(...)``
 to ``typer.testing.CliRunner.invoke`` and every request goes to it.
@@ -16,13 +18,16 @@ to ``typer.testing.CliRunner.invoke`` and every request goes to it.
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlencode
 
 import typer
 
@@ -170,19 +175,79 @@ def detail_of(status: int, reason: str, body: bytes | bytearray) -> str:
 # --- the admin API -----------------------------------------------------------------
 
 
-def call(
+@dataclass(frozen=True)
+class Reply:
+    """An admin API answer, whichever client carried it."""
+
+    status_code: int
+    reason_phrase: str
+    content: bytes
+
+    @property
+    def is_error(self) -> bool:
+        return self.status_code >= 400
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """``http.client`` over the admin Unix socket."""
+
+    def __init__(self, path: str, timeout: float | None) -> None:
+        super().__init__("relayd", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(CONNECT_TIMEOUT)
+            sock.connect(self.path)
+            sock.settimeout(self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _call_socket(
     target: Target,
     method: str,
     path: str,
-    *,
-    body: dict[str, Any] | None = None,
-    params: dict[str, str] | None = None,
-    patient: bool = False,
-) -> httpx.Response:
-    """One admin API request; exits 69 when relayd cannot be reached, 1 when it refuses.
+    body: dict[str, Any] | None,
+    params: dict[str, str] | None,
+    patient: bool,
+) -> Reply:
+    if params:
+        path += ("&" if "?" in path else "?") + urlencode(params)
+    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    payload = None
+    if body is not None:
+        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers["Content-Type"] = "application/json"
+    connection = UnixHTTPConnection(target.socket, None if patient else QUICK_TIMEOUT)
+    try:
+        connection.request(method, path, body=payload, headers=headers)
+        response = connection.getresponse()
+        return Reply(response.status, response.reason, response.read())
+    except (OSError, http.client.HTTPException) as exc:
+        unreachable(target, exc)
+    finally:
+        connection.close()
 
-    ``patient``: no read timeout, for requests that wait for a drain.
-    """
+
+def _call_httpx(
+    target: Target,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    params: dict[str, str] | None,
+    patient: bool,
+) -> Reply:
     import httpx
 
     try:
@@ -192,6 +257,26 @@ def call(
             )
     except (httpx.TransportError, OSError) as exc:
         unreachable(target, exc)
+    return Reply(response.status_code, response.reason_phrase, response.content)
+
+
+def call(
+    target: Target,
+    method: str,
+    path: str,
+    *,
+    body: dict[str, Any] | None = None,
+    params: dict[str, str] | None = None,
+    patient: bool = False,
+) -> Reply:
+    """One admin API request; exits 69 when relayd cannot be reached, 1 when it refuses.
+
+    ``patient``: no read timeout, for requests that wait for a drain.
+    """
+    if target.url is None and target.transport is None:
+        response = _call_socket(target, method, path, body, params, patient)
+    else:
+        response = _call_httpx(target, method, path, body, params, patient)
     if response.is_error:
         detail = detail_of(response.status_code, response.reason_phrase, response.content)
         if response.status_code == 404 and detail == "Not Found":  # no such route
@@ -207,21 +292,21 @@ def call(
     return response
 
 
-def answer(target: Target, response: httpx.Response) -> Any:
+def answer(target: Target, response: Reply) -> Any:
     try:
         return response.json()
     except ValueError:
         fail(f"unexpected answer from relayd at {target.address}: not JSON")
 
 
-def answer_object(target: Target, response: httpx.Response) -> dict[str, Any]:
+def answer_object(target: Target, response: Reply) -> dict[str, Any]:
     value = answer(target, response)
     if not isinstance(value, dict):
         fail(f"unexpected answer from relayd at {target.address}: not a JSON object")
     return value
 
 
-def answer_list(target: Target, response: httpx.Response, what: str) -> list[dict[str, Any]]:
+def answer_list(target: Target, response: Reply, what: str) -> list[dict[str, Any]]:
     """A JSON list of objects (``what``: "ports", "tokens", for the error)."""
     value = answer(target, response)
     if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
@@ -229,7 +314,7 @@ def answer_list(target: Target, response: httpx.Response, what: str) -> list[dic
     return value
 
 
-def answer_ports(target: Target, response: httpx.Response) -> list[dict[str, Any]]:
+def answer_ports(target: Target, response: Reply) -> list[dict[str, Any]]:
     return answer_list(target, response, "ports")
 
 

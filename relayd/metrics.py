@@ -1,7 +1,8 @@
 """``GET /metrics``: Prometheus text read from the live objects at scrape time.
 
 The counters live where they are counted (listeners, hub); nothing on the
-per-message path touches a metrics library.
+per-message path touches a metrics library. prometheus_client is imported on
+the first scrape, not at start: a gateway nobody scrapes does not pay for it.
 """
 
 from __future__ import annotations
@@ -9,19 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
+
     from relayd.runtime import Runtime
 
 
-class RelayCollector(Collector):
+class RelayCollector:
+    """A prometheus_client collector (it only needs ``collect``)."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         runtime = self.runtime
         listeners = runtime.registry.listeners()
         hub = runtime.hub
@@ -128,11 +132,24 @@ class RelayCollector(Collector):
         )
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    return generate_latest(registry)
+class Metrics:
+    """The registry of one runtime, made on the first scrape."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._registry: CollectorRegistry | None = None
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        if self._registry is None:
+            self._registry = make_registry(self.runtime)
+        return generate_latest(self._registry)
 
 
 def make_registry(runtime: Runtime) -> CollectorRegistry:
+    from prometheus_client import CollectorRegistry
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(RelayCollector(runtime))
     return registry

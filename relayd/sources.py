@@ -19,9 +19,7 @@ import os
 import random
 import socket
 from collections.abc import Awaitable
-from typing import TypeVar
-
-import serial
+from typing import TYPE_CHECKING, TypeVar
 
 from relayd.config import PortSettings, parse_host_port
 from relayd.listeners import (
@@ -31,6 +29,9 @@ from relayd.listeners import (
     PortSource,
     SourceKind,
 )
+
+if TYPE_CHECKING:
+    import serial
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,8 @@ class SerialSource(RetryingSource):
         return self.settings.serial or "?"
 
     async def _attempt(self) -> None:
+        import serial  # pyserial only when a serial source is configured
+
         settings = self.settings
         line = serial.Serial()  # configured first, then opened: O_NONBLOCK, termios set
         line.port = settings.serial

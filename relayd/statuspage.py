@@ -9,10 +9,12 @@ per-message path.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from importlib.resources import files
 
-from fastapi import APIRouter, HTTPException, Request, Response
-from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from relayd.parsing import ALL
 from relayd.runtime import Runtime
@@ -69,25 +71,26 @@ def load_static() -> dict[str, bytes]:
     return {name: (static / name).read_bytes() for name in STATIC_FILES}
 
 
-def create_router(runtime: Runtime) -> APIRouter:
-    router = APIRouter()
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def endpoints(runtime: Runtime) -> list[tuple[str, Endpoint]]:
+    """The page's GET routes: (path, endpoint)."""
     content = load_static()
 
     def static_response(name: str) -> Response:
         return Response(content[name], media_type=STATIC_FILES[name], headers=PAGE_HEADERS)
 
-    @router.get("/", include_in_schema=False)
-    async def index() -> Response:
+    async def index(request: Request) -> Response:
         return static_response("index.html")
 
-    @router.get("/static/{name}", include_in_schema=False)
-    async def static(name: str) -> Response:
+    async def static(request: Request) -> Response:
+        name = request.path_params["name"]
         if name not in content:
             raise HTTPException(404)
         return static_response(name)
 
-    @router.get("/status.json", include_in_schema=False)
-    async def status_json(request: Request) -> JSONResponse:
+    async def status_json(request: Request) -> Response:
         visible = visible_ports(request)
         status = runtime.status()
         ports = []
@@ -115,4 +118,4 @@ def create_router(runtime: Runtime) -> APIRouter:
         }
         return JSONResponse(body, headers={**SECURITY_HEADERS, "Cache-Control": "no-store"})
 
-    return router
+    return [("/", index), ("/static/{name}", static), ("/status.json", status_json)]

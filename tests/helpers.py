@@ -198,9 +198,11 @@ def admin_client(path: Path) -> httpx.AsyncClient:
     """An HTTP client for the admin API on the Unix socket at ``path``.
 
     Plain HTTP only: ``verify=False`` spares loading the CA bundle for each client.
+    The first admin request to a daemon builds its admin API (relayd.app.LazyAdmin):
+    seconds on a loaded machine, hence the timeout.
     """
     transport = httpx.AsyncHTTPTransport(uds=str(path), verify=False)
-    return httpx.AsyncClient(transport=transport, base_url="http://relayd", timeout=5)
+    return httpx.AsyncClient(transport=transport, base_url="http://relayd", timeout=10_000 * MS)
 
 
 # --- a WebSocket client that does only what a test tells it ---------------------

@@ -1137,10 +1137,10 @@ def test_main_never_shows_a_traceback(
     code: int,
     stderr: str,
 ) -> None:
-    def broken(self: cli_transport.Target) -> httpx.Client:
+    def broken(self: cli_transport.UnixHTTPConnection) -> None:
         raise exc
 
-    monkeypatch.setattr(cli_transport.Target, "client", broken)
+    monkeypatch.setattr(cli_transport.UnixHTTPConnection, "connect", broken)
     assert cli.main(["status"]) == code
     captured = capsys.readouterr()
     assert captured.err == stderr

@@ -1,0 +1,146 @@
+"""What relayd leaves unimported until it is used (the footprint of issue 17).
+
+A fresh interpreter runs relayd in-process to READY and reports ``sys.modules``:
+the admin API's FastAPI and prometheus_client come in with the first admin
+request and the first ``/metrics`` scrape, PyJWT/cryptography only with JWTs
+configured; relayctl's plain commands never load httpx or websockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from tests.helpers import MS, config_text, free_port
+
+# Never loaded by an idle daemon with a config like the packaged one (pyserial:
+# serial sources; paho: [mqtt]).
+HEAVY = (
+    "fastapi",
+    "prometheus_client",
+    "jwt",
+    "cryptography",
+    "serial",
+    "httpx",
+    "paho",
+    "typer",
+    "rich",
+)
+
+SCRIPT = """
+import asyncio, json, sys
+from pathlib import Path
+from relayd import daemon
+from relayd.config import Settings
+
+HEAVY = {heavy!r}
+cfg, state, sock, timeout = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+report = {{}}
+ready = asyncio.Event()
+
+def loaded():
+    return sorted(m for m in HEAVY if m in sys.modules)
+
+def on_runtime(runtime):
+    set_ready = runtime.set_ready
+    def and_tell():
+        set_ready()
+        ready.set()
+    runtime.set_ready = and_tell
+
+async def get(path):
+    reader, writer = await asyncio.open_unix_connection(sock)
+    request = f"GET {{path}} HTTP/1.1\\r\\nHost: relayd\\r\\nConnection: close\\r\\n\\r\\n"
+    writer.write(request.encode())
+    answer = await asyncio.wait_for(reader.read(), timeout)
+    writer.close()
+    return answer.split(b" ", 2)[1].decode()
+
+async def trigger():
+    await asyncio.wait_for(ready.wait(), timeout)
+    report["ready"] = loaded()
+    report["status"] = await get("/v1/status")
+    report["after_admin"] = loaded()
+    report["metrics"] = await get("/metrics")
+    report["after_metrics"] = loaded()
+
+settings = Settings.load(cfg, admin_socket=sock)
+code = asyncio.run(daemon.serve(
+    settings, load_settings=lambda: settings, state_dir=state, admin_token=None,
+    shutdown_trigger=trigger, on_runtime=on_runtime,
+))
+report["code"] = code
+sys.stdout.write(json.dumps(report))
+"""
+
+
+def test_idle_daemon_loads_the_admin_api_and_metrics_on_first_use(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(config_text(free_port(), [free_port(), free_port()]))
+    timeout = 20_000 * MS
+    env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(heavy=HEAVY)]
+        + [str(cfg), str(tmp_path / "state"), str(tmp_path / "admin.sock"), str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=3 * timeout,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["code"] == 0
+    assert report["ready"] == []
+    assert (report["status"], report["after_admin"]) == ("200", ["fastapi"])
+    assert (report["metrics"], report["after_metrics"]) == ("200", ["fastapi", "prometheus_client"])
+
+
+RELAYCTL = """
+import json, sys
+from relayd.cli import main
+code = main(sys.argv[1:])
+heavy = sorted(m for m in ("httpx", "websockets", "rich", "fastapi") if m in sys.modules)
+sys.stdout.write(json.dumps({"code": code, "heavy": heavy}) + "\\n")
+"""
+
+
+def test_relayctl_plain_commands_do_not_import_httpx(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    requests: list[bytes] = []
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(20_000 * MS)
+
+        def answer_once() -> None:
+            conn, _ = server.accept()
+            with conn:
+                requests.append(conn.recv(65536))
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 2\r\nConnection: close\r\n\r\n[]"
+                )
+
+        thread = threading.Thread(target=answer_once)
+        thread.start()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", RELAYCTL, "--socket", str(path), "ports", "list", "--json"],
+                capture_output=True,
+                text=True,
+                timeout=30_000 * MS,
+                check=False,
+            )
+        finally:
+            thread.join(30_000 * MS)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert json.loads(lines[-1]) == {"code": 0, "heavy": []}
+    assert requests[0].startswith(b"GET /v1/ports HTTP/1.1\r\n")
+    assert b"\r\nUser-Agent: relayctl/" in requests[0]
