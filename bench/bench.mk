@@ -45,3 +45,10 @@ bench-quick: bench-deps
 bench-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios throughput,fanout200 \
 	  --profile bench/results/profile $(BENCH_V1_ARG) $(BENCH_ARGS)
+
+# Issue 15: the MQTT disk spool's write, replay and live rates (bench/spool.py; ~1 min).
+#   make bench-spool BENCH_SPOOL_ARGS='--messages 100000'    # shorter
+BENCH_SPOOL_ARGS ?=
+.PHONY: bench-spool
+bench-spool:
+	$(BENCH_PY) -m bench.spool $(BENCH_SPOOL_ARGS)
