@@ -16,6 +16,12 @@
 # them with fanout50 / connect_none (see bench/RESULTS.md). `--set KEY=VALUE` in
 # BENCH_ARGS shortens a scenario (e.g. --set fanout_s=5) on a busy machine.
 #
+# Issue 17: relay "nodered" (Node-RED, installed by bench-deps when npm is there) joins
+# the default relays; fanout1000, fanout5000 and idle10k run on relayd (make bench-scale).
+# Downlink (issue 12): downlink50 and downlink_cost (relayd's CPU per command).
+# BENCH_V1_V2=1 with BENCH_V1 = a checkout of an earlier commit of this relayd:
+# configured as a v2 relayd and run in every scenario, for a before/after in one run.
+#
 # Bench-only dependencies (uvloop for the load generator, py-spy) are installed into
 # .venv/bench-site, which only the generator puts on its path: relayd must not pick
 # uvloop up by accident (uvicorn's loop="auto" would), so it is measured as shipped.
@@ -26,7 +32,7 @@ BENCH_ARGS ?=
 BENCH_V1   ?=
 BENCH_V1_ARG = $(if $(BENCH_V1),--relayd-v1 $(BENCH_V1))
 
-.PHONY: bench bench-quick bench-profile bench-deps
+.PHONY: bench bench-quick bench-profile bench-deps bench-scale bench-scale-profile
 
 $(BENCH_SITE)/.stamp:
 	$(BENCH_PY) -m pip install -q --target $(BENCH_SITE) 'uvloop>=0.19' 'py-spy>=0.3.14'
@@ -45,6 +51,28 @@ bench-quick: bench-deps
 bench-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios throughput,fanout200 \
 	  --profile bench/results/profile $(BENCH_V1_ARG) $(BENCH_ARGS)
+
+# Issue 17: Node-RED (relay "nodered", bench/nodered.py) into bench/node-red/ (git-ignored),
+# pinned; the newest release that runs on Node.js 20. Without npm the runner leaves it out.
+NODE_RED_VERSION ?= 4.1.8
+NODE_RED_STAMP = bench/node-red/.stamp-$(NODE_RED_VERSION)
+
+$(NODE_RED_STAMP):
+	@if command -v npm >/dev/null 2>&1; then \
+	  npm install --prefix bench/node-red --no-audit --no-fund --save-exact \
+	    node-red@$(NODE_RED_VERSION) && touch $@; \
+	else echo "make bench-deps: no npm here, relay nodered is left out" >&2; fi
+
+bench-deps: $(NODE_RED_STAMP)
+
+# Issue 17: the scale scenarios alone (relayd), and py-spy of relayd and of one generator process
+bench-scale: bench-deps
+	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios fanout1000,fanout5000,idle10k \
+	  $(BENCH_ARGS)
+
+bench-scale-profile: bench-deps
+	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios fanout1000,fanout5000 \
+	  --profile bench/results/profile-scale $(BENCH_ARGS)
 
 # Issue 15: the MQTT disk spool's write, replay and live rates (bench/spool.py; ~1 min).
 #   make bench-spool BENCH_SPOOL_ARGS='--messages 100000'    # shorter

@@ -8,8 +8,10 @@ so each device reads ``downlink_clients * downlink_rate`` commands/s.
 The command clients use the JSON format on a connection subscribed to the
 relay's second, device-less port (``commands``, found in ``/status.json``),
 so they add no uplink fan-out of their own; each command names the devices'
-port. A command carries its send time; the device that reads it records the
-round trip (client send -> device read) in a ``loadgen.Latency``.
+port. The clients are bench.cmdgen processes (raw sockets, pre-built frames),
+so that the generator is not the limit; one command in SAMPLE carries its send
+time, and the device that reads it records the round trip (client send ->
+device read) in a ``loadgen.Latency``.
 
 Only relayd has a downlink: the reference relays report ``downlink_error``.
 """
@@ -17,22 +19,31 @@ Only relayd has a downlink: the reference relays report ``downlink_error``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import os
+import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 from bench import loadgen as lg
+from bench.procstat import cpu_seconds
 from bench.scenarios import Hooks, Params, Relay, fanout
 
 CLIENTS = 50
 RATE = 100.0  # commands/s per client
-COMMAND = "C%03d %07d %016d"  # client, seq, send time (µs, monotonic): 33 bytes + "\n"
+ROOT = Path(__file__).resolve().parent.parent
+PROCESSES = 3  # bench.cmdgen processes the clients are spread over
+SAMPLE = 10  # one command in SAMPLE carries its send time (the round trip's sample)
 
 
 class CommandDevice(lg.Producer):
-    """A device of the fan-out that also reads the commands written to it."""
+    """A device of the fan-out that also reads the commands written to it.
+
+    Commands are counted by their newlines; only the sampled ones (``C…``,
+    bench/cmdgen.py) are parsed for their send time.
+    """
 
     def __init__(self, pid: int, fmt: bytes, lat: lg.Latency) -> None:
         super().__init__(pid, fmt)
@@ -49,18 +60,23 @@ class CommandDevice(lg.Producer):
 
     def data_received(self, data: bytes) -> None:
         now = lg.mono_ns() // 1000
-        lines = (self._carry + data).split(b"\n")
-        self._carry = lines.pop()
+        if self._carry:
+            data = self._carry + data
+        cut = data.rfind(b"\n") + 1
+        self._carry = data[cut:]
+        chunk = data[:cut]
+        self.read += chunk.count(b"\n") - chunk.count(b"P\n")  # _all_connected's probes
+        if b"C" not in chunk:
+            return
         lat = self.lat
-        for line in lines:
-            if line == b"P":  # _all_connected's probe
+        for line in chunk.split(b"\n"):
+            if line[:1] != b"C":
                 continue
             try:
                 ts = int(line[13:29])
             except ValueError:
                 self.bad += 1
                 continue
-            self.read += 1
             if lat.on:
                 d = max(0, now - ts)
                 lat.max_us = max(lat.max_us, d)
@@ -85,6 +101,7 @@ class Counts:
         self.acked = 0
         self.errors = 0
         self.first_error: str | None = None
+        self.cpu_pct: list[float] = []  # each bench.cmdgen process's, while sending
 
 
 async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.0) -> None:
@@ -99,46 +116,50 @@ async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.
             await asyncio.sleep(0.01)
 
 
-async def _commander(cid: int, url: str, port: int, start: float, until: float, n: Counts) -> None:
-    """One client: RATE commands/s to ``port`` from ``start`` to ``until``, answers counted."""
-    from websockets.asyncio.client import connect
+async def _command_processes(
+    r: Relay, cmd_port: int, procs: int
+) -> list[asyncio.subprocess.Process]:
+    """``procs`` bench.cmdgen processes sharing the CLIENTS clients, each one ready."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".venv" / "bench-site"), str(ROOT)])
+    started = []
+    for k in range(procs):
+        first, last = k * CLIENTS // procs, (k + 1) * CLIENTS // procs
+        args = [r.host, r.ws_port, cmd_port, r.tcp_port, first, last - first, RATE, SAMPLE]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.cmdgen",
+            *map(str, args),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        started.append(proc)
+    for proc in started:
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
+        if line != b"ready\n":
+            raise RuntimeError(f"bench.cmdgen did not start: {line[:200]!r}")
+    return started
 
-    async with connect(url, max_queue=None, compression=None) as ws:
-        sent = answered = 0
-        finished = False
-        all_answered = asyncio.Event()
 
-        async def answers() -> None:
-            nonlocal answered
-            async for message in ws:
-                answer = json.loads(message)
-                answered += 1
-                if "ack" in answer:
-                    n.acked += 1
-                else:
-                    n.errors += 1
-                    n.first_error = n.first_error or str(answer.get("error"))[:200]
-                if finished and answered >= sent:
-                    all_answered.set()
-
-        reader = asyncio.create_task(answers())
-        try:
-            while (now := time.monotonic()) < until:
-                for _ in range(int((now - start) * RATE) + 1 - sent):
-                    text = COMMAND % (cid, sent, lg.mono_ns() // 1000)
-                    await ws.send(json.dumps({"port": port, "data": text}))
-                    sent += 1
-                await asyncio.sleep(max(0.001, start + sent / RATE - time.monotonic()))
-            n.sent += sent
-            finished = True
-            if answered >= sent:
-                all_answered.set()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(all_answered.wait(), 5.0)
-        finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
+async def _commands(
+    procs: list[asyncio.subprocess.Process], start: float, until: float, n: Counts
+) -> None:
+    """Let them send from ``start`` to ``until``; their counts added to ``n``."""
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.write(f"{start} {until}\n".encode())
+        await proc.stdin.drain()
+    for proc in procs:
+        out, _ = await asyncio.wait_for(proc.communicate(), until - time.monotonic() + 30.0)
+        got = json.loads(out)
+        n.sent += got["sent"]
+        n.acked += got["acked"]
+        n.errors += got["errors"]
+        n.first_error = n.first_error or got["first_error"]
+        n.cpu_pct.append(got["cpu_pct"])
 
 
 async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
@@ -169,33 +190,35 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
 
     n = Counts()
     url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"
+    procs = await _command_processes(r, cmd_port, PROCESSES)  # off the clock
 
     async def commands() -> None:
         await asyncio.wait_for(connected.wait(), 60.0)  # fanout() connects them first
         await _all_connected(url, r.tcp_port, P.fanout_devices)
-        start = time.monotonic()
+        start = time.monotonic() + 0.05
         until = start + P.warmup + P.fanout_s  # as long as fanout()'s devices send
         window = asyncio.get_running_loop().call_later(P.warmup, setattr, cmd_lat, "on", True)
         try:
-            await asyncio.gather(
-                *(
-                    _commander(i, url, r.tcp_port, start + i / (CLIENTS * RATE), until, n)
-                    for i in range(CLIENTS)
-                )
-            )
+            await _commands(procs, start, until, n)
         finally:
             window.cancel()
             cmd_lat.on = False
 
     sender = asyncio.create_task(commands())
     try:
-        loaded = await fanout(r, P, hooks, P.fanout_clients[0], connect_devices=connect_devices)
+        loaded = await fanout(
+            r, P, hooks, P.fanout_clients[0], name="downlink50", connect_devices=connect_devices
+        )
     finally:
         try:
             await sender
         finally:
             for dev in devices:
                 dev.close_now()
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    await proc.wait()
     read = sum(d.read for d in devices)
     up99, base99 = loaded.get("p99_ms"), base.get("p99_ms")
     out.update(
@@ -205,6 +228,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
             "commands_acked": n.acked,
             "command_errors": n.errors,
             "first_error": n.first_error,
+            "cmdgen_cpu_pct": n.cpu_pct,
             "device_reads": read,
             "commands_unanswered": n.sent - n.acked - n.errors,  # after 5 s
             "device_reads_expected": n.sent * P.fanout_devices,  # were none refused
@@ -217,3 +241,63 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         }
     )
     return out
+
+
+async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
+    """relayd's CPU time per command: the downlink50 commands alone, no uplink.
+
+    CPU seconds (``/proc``) rather than latency: on a shared machine the relay's
+    core is taken by others at times, which stretches latencies but not the
+    work a command costs. From the first command sent until every device has
+    read every command, so work left over after the sending ends counts too.
+    """
+    try:
+        cmd_port = _command_port(r)
+    except Exception as e:  # the reference relays: no /status.json, no downlink
+        return {"downlink_error": f"{type(e).__name__}: {e}"[:200]}
+    lat = lg.Latency()
+    fmt = lg.line_format(P.line_len)
+    devices: list[CommandDevice] = [
+        await lg._connect(lambda pid=pid: CommandDevice(pid, fmt, lat), r.host, r.tcp_port)
+        for pid in range(P.fanout_devices)
+    ]
+    procs = await _command_processes(r, cmd_port, PROCESSES)
+    n = Counts()
+    try:
+        url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"
+        await _all_connected(url, r.tcp_port, P.fanout_devices)
+        probes = sum(d.read for d in devices)
+        cpu0 = cpu_seconds(r.proc.pid)
+        start = time.monotonic() + 0.05
+        await hooks.opened(r, "downlink_cost", P.fanout_s)  # --profile: py-spy from here
+        lat.on = True
+        await _commands(procs, start, start + P.fanout_s, n)
+        # Every command acked was put in some devices' buffers (with refusals, in
+        # fewer than all: then until the devices stop reading for a second).
+        expected = probes + n.sent * P.fanout_devices
+        last, still = -1, 0
+        for _ in range(3000):  # up to 30 s for what the relay still holds
+            read = sum(d.read for d in devices)
+            if read >= expected or (n.errors and still >= 100):
+                break
+            last, still = read, still + 1 if read == last else 0
+            await asyncio.sleep(0.01)
+        else:
+            raise TimeoutError("the devices did not read every command in 30 s")
+        cpu = cpu_seconds(r.proc.pid) - cpu0
+    finally:
+        for dev in devices:
+            dev.close_now()
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    return {
+        "commands_sent": n.sent,
+        "command_errors": n.errors,
+        "relay_cpu_s": round(cpu, 3),
+        "relay_cpu_us_per_command": round(cpu / n.sent * 1e6, 1) if n.sent else None,
+        "cmd_p50_ms": lg._r(lat.percentile(0.5)),
+        "cmd_p99_ms": lg._r(lat.percentile(0.99)),
+        "cmdgen_cpu_pct": n.cpu_pct,
+    }

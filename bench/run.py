@@ -18,6 +18,11 @@ venv's interpreter), configured like relayd, so that an older relayd and this on
 are measured in the same run (the ratio column relayd/relayd-v1). The scenarios
 of issues 11 and 16 (fanout50_wss, connect_none, connect_token, fanout50_pages)
 run on relayd only; a second table compares them with their plain counterparts.
+
+Issue 17: relay "nodered" is Node-RED with bench/node-red-flow.json (tcp in ->
+websocket out; bench/nodered.py), in the default set once `make bench-deps`
+installed it; scenario "payload" checks that every relay's frames carry the same
+lines. fanout1000, fanout5000 and idle10k (bench/scale.py) run on relayd only.
 """
 
 from __future__ import annotations
@@ -52,8 +57,11 @@ BENCH_SITE = ROOT / ".venv" / "bench-site"
 if BENCH_SITE.is_dir():
     sys.path.insert(0, str(BENCH_SITE))
 
-from bench.downlink import downlink50  # noqa: E402
+from bench import nodered  # noqa: E402
+from bench.downlink import downlink50, downlink_cost  # noqa: E402
 from bench.procstat import uses_uvloop  # noqa: E402
+from bench.scale import SCALE  # noqa: E402
+from bench.scale import SCENARIOS as SCALE_SCENARIOS  # noqa: E402
 from bench.scenarios import (  # noqa: E402
     RELAYD_ONLY,
     SCENARIOS,
@@ -64,12 +72,24 @@ from bench.scenarios import (  # noqa: E402
 )
 
 SCENARIOS["downlink50"] = downlink50  # issue 12; relayd only (`--relays relayd`)
+SCENARIOS.update(SCALE_SCENARIOS)  # issue 17: fanout1000, fanout5000, idle10k
+RELAYD_ONLY = RELAYD_ONLY | SCALE
+SCENARIOS["payload"] = nodered.same_payload  # issue 17: do the relays' frames compare?
+SCENARIOS["downlink_cost"] = downlink_cost  # issue 12: relayd's CPU per command, no uplink
 
 RELAYS = ("relayd", "naive", "floor")
+# issue 17: Node-RED (bench/nodered.py), in the default set once `make bench-deps` installed it
+NODERED = nodered.NODERED
+DEFAULT_RELAYS = (*RELAYS, NODERED) if nodered.installed() else RELAYS
 # Not run by default: relayd with [relay] history = 0, for the cost of history
 # (`--relays relayd,relayd-h0 --scenarios fanout50`: the relayd/relayd-h0 column).
 RELAYD_H0 = "relayd-h0"
 RELAYD_V1 = "relayd-v1"  # only with --relayd-v1
+# BENCH_V1_V2=1: the --relayd-v1 checkout is a v2 relayd (an earlier commit of this
+# one): configured like relayd and run in the relayd-only scenarios too, so that a
+# change's before/after is measured in one run (bench/RESULTS.md, Downlink).
+V1_IS_V2 = os.environ.get("BENCH_V1_V2") == "1"
+V1_RELAYD_ONLY = (RELAYD_V1,) if V1_IS_V2 else ()
 HOST = "127.0.0.1"
 
 # (metric, how to read "better", target check on relayd's median or None)
@@ -149,6 +169,13 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("p99_ms", "", None),
         ("relay_cpu_pct", "", None),
     ],
+    "downlink_cost": [
+        ("relay_cpu_us_per_command", "", None),
+        ("commands_sent", "", None),
+        ("command_errors", "0", _le("command_errors", 0)),
+        ("cmd_p50_ms", "", None),
+        ("cmd_p99_ms", "", None),
+    ],
     "downlink50": [
         ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
         ("uplink_p99_ratio", "≤ 1.2", _le("uplink_p99_ratio", 1.2)),
@@ -215,6 +242,45 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("relay_cpu_pct", "", None),
         ("gen_cpu_pct", "", None),
         ("anonymous_refused", "yes", _true("anonymous_refused")),
+    ],
+    "payload": [
+        ("frames_match", "yes", _true("frames_match")),
+        ("frames_seen", "6", None),
+        ("first_difference", "", None),
+    ],
+    "fanout1000": [
+        ("delivered_per_s", "", None),
+        ("expected_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p50_ms", "", None),
+        ("p99_ms", "≤ 20", _le("p99_ms", 20.0)),
+        ("max_ms", "", None),
+        ("lines_per_frame", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("rss_max_kib", "", None),
+    ],
+    "fanout5000": [
+        ("delivered_per_s", "", None),
+        ("expected_per_s", "", None),
+        ("lost", "0", _le("lost", 0)),
+        ("p50_ms", "", None),
+        ("p99_ms", "≤ 50", _le("p99_ms", 50.0)),
+        ("max_ms", "", None),
+        ("connects_per_s", "", None),
+        ("lines_per_frame", "", None),
+        ("relay_cpu_pct", "", None),
+        ("gen_cpu_pct", "", None),
+        ("rss_max_kib", "", None),
+    ],
+    "idle10k": [
+        ("kib_per_client", "≤ 8", _le("kib_per_client", 8.0)),
+        ("rss_total_mib", "", None),
+        ("clients_alive", "", None),
+        ("connects_per_s", "", None),
+        ("metrics_ms", "", None),
+        ("metrics_bytes", "", None),
+        ("ports_list_s", "", None),
     ],
     "drain": [
         ("share_min", "1.0", _ge("share_min", 1.0)),
@@ -380,7 +446,7 @@ port = {ws_port}
 [relay]
 queue_size = 1024
 slow_client = "drop"
-max_clients = 5000
+max_clients = 12000
 per_message_deflate = false
 {history_line}
 [drain]
@@ -408,7 +474,7 @@ def relay_command(
     if exe is not None:  # a relayd (this checkout's, or another's)
         cfg = workdir / "relayd.toml"
         # relayd-v1 predates the v2 keys; relayd-h0 measures relayd without history.
-        history = None if name == RELAYD_V1 else 0 if name == RELAYD_H0 else 1000
+        history = None if name == RELAYD_V1 and not V1_IS_V2 else 0 if name == RELAYD_H0 else 1000
         relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history)
         return [
             str(exe),
@@ -462,17 +528,26 @@ class RelayProcess:
 
     async def start(self, timeout: float = 30.0) -> Relay:
         ws_port, tcp_port = free_ports(2)
-        cmd = relay_command(
-            self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
-        )
+        extra_env: dict[str, str] = {}
+        if self.name == NODERED:
+            cmd, extra_env = nodered.command(self.workdir, HOST, ws_port, tcp_port)
+        else:
+            cmd = relay_command(
+                self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
+            )
         if self.core is not None:
             cmd = ["taskset", "-c", str(self.core), *cmd]
+        if self.name == NODERED and os.sched_getscheduler(0) == os.SCHED_FIFO:
+            # Node's helper threads share the core: under SCHED_FIFO its main thread
+            # spins waiting for them and never yields (it never starts). Round-robin,
+            # same priority, lets them take turns.
+            cmd = ["chrt", "-r", str(os.sched_getparam(0).sched_priority), *cmd]
         notify_path = self.workdir / "notify.sock"
         notify_path.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         sock.bind(str(notify_path))
         sock.setblocking(False)
-        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), **extra_env}
         env.pop("WATCHDOG_USEC", None)
         loop = asyncio.get_running_loop()
         log = open_log(self.log)
@@ -494,6 +569,9 @@ class RelayProcess:
             admin_socket=str(self.workdir / "admin.sock") if self.exe else None,
         )
         try:
+            if self.name == NODERED:  # no READY=1: ready once its ports accept
+                await nodered.wait_ready(proc, HOST, [tcp_port, ws_port], timeout)
+                return self.relay
             exited = loop.create_task(proc.wait())
             deadline = loop.time() + timeout
             for _ in range(1000):  # datagrams until READY=1
@@ -569,6 +647,33 @@ class Profiler:
             "record",
             "--pid",
             str(relay.pid),
+            "--rate",
+            "200",
+            "--duration",
+            str(max(1, int(seconds))),
+            "--format",
+            "raw",
+            "--nonblocking",
+            "-o",
+            str(out),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.procs.append((proc, out))
+
+    async def worker_open(self, pid: int, stem: str, seconds: float) -> None:
+        """py-spy of a generator process (bench/scale.py) during the window."""
+        if stem.split(".")[0] not in self.scenarios or self.exe is None:
+            return
+        out = self.outdir / f"{stem}.txt"
+        prio = os.sched_getparam(0).sched_priority  # above the generator, as for relayd
+        chrt = ["chrt", "-f", str(prio + 1)] if prio else []
+        proc = await asyncio.create_subprocess_exec(
+            *chrt,
+            self.exe,
+            "record",
+            "--pid",
+            str(pid),
             "--rate",
             "200",
             "--duration",
@@ -797,7 +902,7 @@ async def amain(args: argparse.Namespace) -> int:
     if v1 is not None:
         exes[RELAYD_V1] = v1
     for name in relays:
-        if name not in RELAYS and name not in exes:
+        if name not in RELAYS and name not in exes and name != NODERED:
             raise SystemExit(f"unknown relay {name!r} (relayd-v1 needs --relayd-v1)")
     for s in scenarios:
         if s not in SCENARIOS:
@@ -816,7 +921,10 @@ async def amain(args: argparse.Namespace) -> int:
     profiler = None
     if args.profile:
         profiler = Profiler(Path(args.profile), set(scenarios))  # those with a window
-    hooks = Hooks(window_open=profiler.window_open if profiler else None)
+    hooks = Hooks(
+        window_open=profiler.window_open if profiler else None,
+        worker_open=profiler.worker_open if profiler else None,
+    )
 
     loop_name = type(asyncio.get_running_loop()).__module__.split(".")[0]
     sched = f"SCHED_FIFO {args.rt}" if args.rt else f"nice {os.getpriority(os.PRIO_PROCESS, 0)}"
@@ -831,7 +939,7 @@ async def amain(args: argparse.Namespace) -> int:
         for run in range(1, args.repeat + 1):
             for scen in scenarios:
                 for name in relays:
-                    if scen in RELAYD_ONLY and name != "relayd":
+                    if scen in RELAYD_ONLY and name not in ("relayd", *V1_RELAYD_ONLY):
                         continue
                     workdir = Path(tmp) / f"{name}-{scen}-{run}"
                     workdir.mkdir()
@@ -908,7 +1016,7 @@ def override(P: Params, settings: list[str]) -> Params:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="seconds, not minutes (smoke test)")
-    ap.add_argument("--relays", default=",".join(RELAYS))
+    ap.add_argument("--relays", default=",".join(DEFAULT_RELAYS))
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--repeat", type=int, default=None, help="runs per scenario (3; --quick: 1)")
     ap.add_argument("--markdown", help="write the results table into this file (between markers)")

@@ -82,6 +82,15 @@ class Params:
     connect_rounds: int = 3
     pages: int = 10  # fanout50_pages (issue 16): status pages open
     page_poll_s: float = 2.0  # each page's GET /status.json period (relayd/static/status.js)
+    # issue 17, bench/scale.py: fanout1000, fanout5000 (clients, lines/s per device), idle10k
+    scale_clients: tuple[int, ...] = (1000, 5000)
+    scale_rate_1000: float = 10.0
+    scale_rate_5000: float = 2.0
+    scale_idle_clients: int = 10_000
+    scale_s: float = 10.0
+    scale_workers: int = 4  # generator processes holding the clients
+    scale_parallel: int = 50  # handshakes in flight per generator process
+    scale_sample: int = 10  # 1 client in this many records latency
 
     def quick(self) -> Params:
         return replace(
@@ -100,6 +109,9 @@ class Params:
             drain_linger_s=0.5,
             slow_fill_timeout=2.0,
             connect_clients=200,
+            scale_clients=(100, 300),
+            scale_idle_clients=500,
+            scale_s=2.0,
         )
 
 
@@ -108,6 +120,8 @@ class Hooks:
     """Called by a scenario when its measurement window opens (for the profiler)."""
 
     window_open: Callable[[Relay, str, float], Awaitable[None]] | None = None
+    # (generator pid, name, seconds): bench/scale.py's workers, for the profiler
+    worker_open: Callable[[int, str, float], Awaitable[None]] | None = None
 
     async def opened(self, relay: Relay, scenario: str, seconds: float) -> None:
         if self.window_open is not None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import resource
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,23 @@ async def serve(
     return EXIT_OK if started else EXIT_FAILURE
 
 
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns (before, after).
+
+    Every device and WebSocket client holds a descriptor, and systemd's default
+    soft limit (1024) is far below what relayd is meant to hold (see relayd(8),
+    SYSTEMD). The hard limit (LimitNOFILE= of the unit) stays as it is.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):  # e.g. a sandbox refusing it: keep what we have
+        return soft, soft
+    return soft, hard
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -198,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(f"relayd: {config_path}: configuration is valid\n")
         return EXIT_OK
     logger.info("relayd %s starting (config %s)", __version__, config_path)
+    before, after = raise_fd_limit()
+    if after != before:
+        logger.info("file descriptor limit raised from %d to %d", before, after)
+    else:
+        logger.info("file descriptor limit: %d", after)
     try:
         return asyncio.run(
             serve(

@@ -144,6 +144,8 @@ class DeviceConnection(asyncio.Protocol):
         "idle_timer",
         "last_data",
         "listener",
+        "outbox",
+        "outbox_size",
         "peer",
         "source",
         "transport",
@@ -161,6 +163,9 @@ class DeviceConnection(asyncio.Protocol):
         self.framer: Framer | None = None
         self.last_data = 0.0
         self.idle_timer: asyncio.TimerHandle | None = None
+        # Downlink writes of one loop iteration, written together (see ``write``).
+        self.outbox: list[bytes] | None = None
+        self.outbox_size = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         listener = self.listener
@@ -277,6 +282,8 @@ class DeviceConnection(asyncio.Protocol):
             logger.info("port %d: device %s disconnected", listener.port, peer)
 
     def close(self) -> None:
+        """Close once the downlink writes already accepted are handed to the transport."""
+        self.flush_outbox()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -288,14 +295,38 @@ class DeviceConnection(asyncio.Protocol):
         return self.source is not None and transport is not None and not transport.is_closing()
 
     def write(self, data: bytes) -> bool:
-        """Queue ``data`` for the device unless that takes its buffer past ``downlink_buffer``."""
+        """Queue ``data`` for the device unless that takes its buffer past ``downlink_buffer``.
+
+        The writes of one loop iteration (many clients' commands to the same
+        devices) go to the transport as one ``write``, in order, at the end of
+        the iteration: one system call per device instead of one per command.
+        What waits in the outbox counts against ``downlink_buffer`` (relayd.toml(5)).
+        """
         transport = self.transport
         assert transport is not None
-        limit = self.listener.settings.downlink_buffer
-        if transport.get_write_buffer_size() + len(data) > limit:
+        size = self.outbox_size + len(data)
+        if transport.get_write_buffer_size() + size > self.listener.settings.downlink_buffer:
             return False
-        transport.write(data)
+        outbox = self.outbox
+        if outbox is None:
+            self.outbox = [data]
+            asyncio.get_running_loop().call_soon(self.flush_outbox)
+        else:
+            outbox.append(data)
+        self.outbox_size = size
         return True
+
+    def flush_outbox(self) -> None:
+        """Hand the outbox to the transport (soon after ``write``, and before a close)."""
+        outbox = self.outbox
+        if outbox is None:
+            return
+        self.outbox = None
+        self.outbox_size = 0
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # the device is gone: its connection_lost is on its way
+        transport.write(outbox[0] if len(outbox) == 1 else b"".join(outbox))
 
     def _framing_error(self, error: FramingError) -> None:
         errors = self.listener.framing_errors

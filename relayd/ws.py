@@ -264,7 +264,7 @@ class WsEndpoint:
         )
         if isinstance(result, Refusal):
             return _answer({"error": result.sentence, "id": command.id})
-        return _answer({"ack": command.id, "port": command.port, "delivered": result})
+        return _ack(command.id, command.port, result)
 
     def fragmented(self, *, json_mode: bool) -> bytes | None:
         """A fragmented message from a client: refused and counted; the answer in JSON mode."""
@@ -278,6 +278,20 @@ class WsEndpoint:
 
 def _answer(message: dict[str, object]) -> bytes:
     return json.dumps(message).encode()
+
+
+def _ack(ident: object, port: int, delivered: int) -> bytes:
+    """``_answer({"ack": ident, "port": port, "delivered": delivered})``, byte for byte.
+
+    Thousands per second under load: an integer or absent id skips ``json.dumps``.
+    """
+    if ident is None:
+        text = "null"
+    elif type(ident) is int:
+        text = str(ident)
+    else:
+        text = json.dumps(ident)
+    return b'{"ack": %s, "port": %d, "delivered": %d}' % (text.encode(), port, delivered)
 
 
 def _requested_ports(query: str) -> list[int]:

@@ -303,11 +303,26 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         return "lost the connection (code 1006)"
 
     def _write_pending(self) -> None:
-        for data in self.conn.data_to_send():
+        """Write what the protocol has to send: one ``transport.write`` for all of it.
+
+        A client's commands read in one go are answered in one write; over TLS
+        each write costs a pass through asyncio's SSL layer.
+        """
+        chunks = self.conn.data_to_send()
+        if not chunks:
+            return
+        pending: list[bytes] = []
+        for data in chunks:
             if data:
-                self.transport.write(data)
-            else:  # websockets asks to end the TCP connection
-                self.transport.close()
+                pending.append(data)
+                continue
+            # websockets asks to end the TCP connection (after what it sent before)
+            if pending:
+                self.transport.write(b"".join(pending))
+                pending = []
+            self.transport.close()
+        if pending:
+            self.transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     # Keepalive
 

@@ -16,6 +16,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 from relayd.api import MAX_BODY, send_body_limit
+from relayd.auth import Grant
 from relayd.downlink import Command, Refusal, parse_command
 from tests.helpers import MS, NotifySocket, free_port, run_daemon, wait_until
 
@@ -339,3 +340,123 @@ async def test_a_client_that_sends_but_never_reads_is_not_buffered_without_bound
     # relayd stopped reading from it, so what it holds of the answers stays bounded.
     assert stopped_reading, sent
     assert buffered < 8 << 20, (sent, buffered)
+
+
+async def test_writes_of_one_loop_iteration_reach_a_device_in_one_write_in_order(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    caplog.set_level(logging.INFO, logger="relayd.audit")
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
+        readers = [await device(port) for _ in range(2)]
+        await connected(d, port, 2)
+        writes: list[bytes] = []
+        conns = list(d.runtime.registry.get(port).connections)
+        for conn in conns:  # count what reaches each transport
+            transport = conn.transport
+            real_write = transport.write
+
+            def counting(data: Any, real_write: Any = real_write) -> None:
+                writes.append(bytes(data))
+                real_write(data)
+
+            transport.write = counting  # type: ignore[method-assign]
+        anyone = Grant.anonymous()
+        for i in range(50):  # in one loop iteration, as from many clients at once
+            assert d.runtime.downlink.send(anyone, "50% bench", port, b"cmd %d" % i) == 2
+        assert writes == []  # nothing written yet: at the end of the iteration
+        expected = b"".join(b"cmd %d\n" % i for i in range(50))
+        for reader, _ in readers:
+            assert await read_exactly(reader, len(expected)) == expected
+        assert writes == [expected, expected]  # one write per device
+        for _, writer in readers:
+            writer.close()
+    audit = [r.getMessage() for r in caplog.records if r.name == "relayd.audit"]
+    assert len(audit) == 50  # still one audit line per write (relayd(8), DOWNLINK)
+    # Formatted once: a "%" in a name stays as it is.
+    assert audit[7] == f"downlink: 50% bench wrote 6 byte(s) to 2 device(s) on port {port}"
+
+
+async def test_what_waits_for_the_end_of_the_iteration_counts_against_the_buffer(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    port = free_port()
+    extra = downlink_ports(port, framing="raw", extra="downlink_buffer = 100")
+    async with run_daemon(tmp_path, notify, extra=extra) as d:
+        reader, writer = await device(port)
+        await connected(d, port, 1)
+        downlink, anyone = d.runtime.downlink, Grant.anonymous()
+        results = [downlink.send(anyone, "t", port, b"%030d" % i) for i in range(5)]
+        assert results[:3] == [1, 1, 1]  # 90 bytes wait; a fourth 30 would pass 100
+        assert all(isinstance(r, Refusal) and r.reason == "buffer_full" for r in results[3:])
+        assert await read_exactly(reader, 90) == b"".join(b"%030d" % i for i in range(3))
+        # Written out: the buffer is free again.
+        assert downlink.send(anyone, "t", port, b"x" * 100) == 1
+        assert await read_exactly(reader, 100) == b"x" * 100
+        writer.close()
+
+
+async def test_a_close_right_after_writes_delivers_them_first(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    port = free_port()
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
+        reader, writer = await device(port)
+        await connected(d, port, 1)
+        (conn,) = d.runtime.registry.get(port).connections
+        for i in range(3):
+            assert d.runtime.downlink.send(Grant.anonymous(), "t", port, b"last %d" % i) == 1
+        conn.close()  # in the same iteration: the outbox goes first
+        async with asyncio.timeout(5_000 * MS):
+            got = await reader.read()  # until relayd closed the device
+        writer.close()
+    assert got == b"last 0\nlast 1\nlast 2\n"
+
+
+def test_acks_are_the_json_answers_byte_for_byte() -> None:
+    from relayd.ws import _ack, _answer
+
+    for ident in (None, 0, -7, 12345678901234567890, 'a"b', 1.5, True, [1, {"x": None}]):
+        expected = _answer({"ack": ident, "port": 8001, "delivered": 3})
+        assert _ack(ident, 8001, 3) == expected
+        assert json.loads(expected)["ack"] == ident
+
+
+async def test_commands_read_together_are_answered_in_one_write_in_order(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    port = free_port()
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
+        reader, writer = await device(port)
+        await connected(d, port, 1)
+        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
+        ws_writer.write(
+            b"GET /ws?format=json HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n"
+        )
+        async with asyncio.timeout(5_000 * MS):
+            await ws_reader.readuntil(b"\r\n\r\n")
+        await wait_until(lambda: d.runtime.hub.clients == 1)
+        (sub,) = d.runtime.hub._subs
+        writes: list[bytes] = []
+        real_write = sub.sink.transport.write
+
+        def counting(data: Any) -> None:
+            writes.append(bytes(data))
+            real_write(data)
+
+        sub.sink.transport.write = counting
+        commands = [json.dumps({"port": port, "data": f"c{i}", "id": i}).encode() for i in range(4)]
+        commands.insert(2, b"{oops")
+        ws_writer.write(b"".join(masked_text(c) for c in commands))  # one send: read together
+        answers = []
+        async with asyncio.timeout(5_000 * MS):
+            for _ in commands:
+                head = await ws_reader.readexactly(2)
+                answers.append(json.loads(await ws_reader.readexactly(head[1] & 0x7F)))
+        assert await read_exactly(reader, 12) == b"c0\nc1\nc2\nc3\n"
+        ws_writer.close()
+        writer.close()
+    assert [a.get("ack", a.get("error")) for a in answers] == [0, 1, "invalid JSON", 2, 3]
+    assert len(writes) == 1  # relayd read all five in one go, and answered in one write

@@ -24,6 +24,7 @@ from tests.helpers import (
     busy_port,
     config_text,
     free_port,
+    log_file,
     relayd_command,
     send_device,
     spawn_daemon,
@@ -275,3 +276,54 @@ async def test_journald_log_format(tmp_path: Path, notify: NotifySocket) -> None
 
 if sys.platform != "linux":  # pragma: no cover
     pytest.skip("relayd targets Linux", allow_module_level=True)
+
+
+def _nofile_soft(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no 'Max open files' in /proc/PID/limits")
+
+
+async def test_start_raises_the_soft_fd_limit_to_the_hard_one(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard <= 256:
+        pytest.skip(f"needs a finite hard RLIMIT_NOFILE above 256 (have {hard})")
+
+    def low_soft_limit() -> None:  # runs in the child before exec, as systemd's 1024 would
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(config_text(free_port(), [free_port()]))
+    log = tmp_path / "relayd.log"
+    out = log_file(log)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *relayd_command(
+                "--config",
+                str(cfg),
+                "--admin-socket",
+                str(tmp_path / "a.sock"),
+                "--state-dir",
+                str(tmp_path),
+            ),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NOTIFY_SOCKET": str(notify.path)},
+            preexec_fn=low_soft_limit,
+        )
+    finally:
+        out.close()
+    try:
+        await notify.wait_for("READY=1", timeout=15_000 * MS)
+        assert _nofile_soft(proc.pid) == hard
+        assert f"file descriptor limit raised from 256 to {hard}" in log.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15_000 * MS):
+            await proc.wait()
+    assert proc.returncode == -signal.SIGTERM  # as every clean SIGTERM stop
