@@ -213,6 +213,8 @@ class MqttUplink:
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the broker to take what is spooled, then disconnect."""
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
         self._pump()
         if self.state == "connected" and self.spool.messages:
             self._idle.clear()
@@ -222,8 +224,10 @@ class MqttUplink:
         self._closing = True
         await self._stop_tasks()
         self._drop_client()
+        if self._pump_handle is not None:
+            self._pump_handle.cancel()
         self.spool.flush()
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(OSError):
             await self.spool.sync()
         self.spool.close()
         if self.spool.messages:
