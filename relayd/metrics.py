@@ -135,6 +135,8 @@ class RelayCollector:
 
 def _mqtt(runtime: Runtime) -> Iterator[Metric]:
     """The MQTT uplink (relayd(8), MQTT); zeros when [mqtt] is off."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
     mqtt = runtime.mqtt
     spool = mqtt.spool if mqtt is not None else None
     yield GaugeMetricFamily(
