@@ -132,7 +132,7 @@ class Subscriber:
 @contextlib.asynccontextmanager
 async def subscriber(broker: Broker) -> AsyncIterator[Subscriber]:
     proc = await asyncio.create_subprocess_exec(
-        *("mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", str(broker.port)),
+        *("stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", str(broker.port)),
         *("-q", "1", "-t", "relayd/+/+", "-F", "MSG %t %p"),
         stdout=asyncio.subprocess.PIPE,
         stderr=subprocess.DEVNULL,
