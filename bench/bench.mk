@@ -45,3 +45,13 @@ bench-quick: bench-deps
 bench-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios throughput,fanout200 \
 	  --profile bench/results/profile $(BENCH_V1_ARG) $(BENCH_ARGS)
+
+# MQTT uplink (issue 15): publish rate at QoS 0/1 to a local Mosquitto, fanout50
+# with the uplink on vs off, spool write and replay rates; rewrites the
+# "MQTT uplink" section of bench/RESULTS.md (`BENCH_MQTT_ARGS=--quick`: ~1 min).
+BENCH_MQTT_ARGS ?=
+.PHONY: bench-mqtt
+bench-mqtt: bench-deps
+	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \
+	  echo "make bench-mqtt: needs mosquitto and mosquitto_sub (apt install mosquitto mosquitto-clients)" >&2; exit 1; }
+	$(BENCH_PY) -m bench.mqtt --markdown bench/RESULTS.md $(BENCH_MQTT_ARGS)
