@@ -87,6 +87,8 @@ async def mosquitto(workdir: Path, port: int, core: int | None) -> AsyncIterator
         f"listener {port} {HOST}\nallow_anonymous true\n"
         f"persistence true\npersistence_location {workdir}/\n"
         "max_queued_messages 0\nmax_inflight_messages 0\n"  # 0: no limit, never drop
+        # As root, mosquitto would become user mosquitto, who cannot write the store here.
+        + ("user root\n" if os.geteuid() == 0 else "")
     )
     log = open_log(workdir / "mosquitto.log")
     try:
@@ -115,6 +117,10 @@ async def mosquitto(workdir: Path, port: int, core: int | None) -> AsyncIterator
         await proc.wait()
 
 
+def lines_starting(text: bytes, head: bytes) -> int:
+    return text.count(b"\n" + head) + text.startswith(head)
+
+
 class Counter:
     """``mosquitto_sub`` on a topic filter: messages counted (one line each)."""
 
@@ -124,6 +130,7 @@ class Counter:
         self.last = 0.0
         self.proc: asyncio.subprocess.Process | None = None
         self.moved = asyncio.Event()
+        self.subscribed = asyncio.Event()
 
     async def start(
         self, port: int, topic: str, qos: int, core: int | None, session: str = ""
@@ -137,11 +144,9 @@ class Counter:
             stderr=subprocess.DEVNULL,
             limit=1 << 20,
         )
-        assert self.proc.stdout is not None
-        async with asyncio.timeout(10):
-            while b"received SUBACK" not in await self.proc.stdout.readline():
-                pass
         self._task = asyncio.create_task(self._count())
+        async with asyncio.timeout(10):
+            await self.subscribed.wait()
 
     async def _count(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -152,8 +157,13 @@ class Counter:
             buf = rest + chunk
             cut = buf.rfind(b"\n") + 1
             whole, rest = buf[:cut], buf[cut:]
-            # -d also prints "Client ... received PUBLISH" per message: count payloads only
-            n = whole.count(b"\n") - whole.count(b"\nClient ") - whole.startswith(b"Client ")
+            # -d also prints "Client ... received PUBLISH" per message, and "Subscribed
+            # (mid ...)" once: count payloads only. A persistent session's queued
+            # messages may come before the SUBACK.
+            n = whole.count(b"\n") - lines_starting(whole, b"Client ")
+            if b"Subscribed (mid" in whole:
+                n -= lines_starting(whole, b"Subscribed (mid")
+                self.subscribed.set()
             if n > 0:
                 self.first = self.first or now
                 self.n += n
