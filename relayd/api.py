@@ -49,6 +49,13 @@ class ErrorOut(BaseModel):
     detail: str = Field(examples=["port 8004: address already in use"])
 
 
+class MqttOut(BaseModel):
+    state: Literal["off", "connecting", "connected"]
+    spooled: int = Field(
+        description="messages not yet acknowledged by (QoS 1) or handed to the broker"
+    )
+
+
 class StatusOut(BaseModel):
     version: str = Field(examples=[__version__])
     pid: int
@@ -59,6 +66,7 @@ class StatusOut(BaseModel):
     ports: int
     tcp_connections: int
     ws_clients: int
+    mqtt: MqttOut
 
 
 class PortIn(PortSettings):

@@ -34,6 +34,7 @@ from relayd.cli_output import (
     human_duration,
     key_values,
     labelled,
+    mqtt_line,
     need_command,
     note,
     ports_table,
@@ -216,6 +217,7 @@ def status(ctx: typer.Context, *, as_json: JsonOption = False) -> None:
                 ("ports", str(count(info.get("ports")))),
                 ("tcp connections", str(count(info.get("tcp_connections")))),
                 ("ws clients", str(count(info.get("ws_clients")))),
+                *mqtt_line(info.get("mqtt")),
             ]
         )
     )

@@ -133,6 +133,13 @@ def count(value: Any) -> int:
     return value if isinstance(value, int) else 0
 
 
+def mqtt_line(value: Any) -> list[tuple[str, str]]:
+    """``relayctl status``'s mqtt line: its state and how many messages are spooled."""
+    if not isinstance(value, dict):
+        return []
+    return [("mqtt", f"{text(value.get('state'))}, {count(value.get('spooled'))} spooled")]
+
+
 def seconds(value: Any) -> float:
     return float(value) if isinstance(value, int | float) else 0.0
 

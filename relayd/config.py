@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import string
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -213,6 +214,90 @@ class PortSettings(_Model):
         return None if self.delimiter is None else self.delimiter.encode("latin-1")
 
 
+MQTT_SCHEMES = {"mqtt": 1883, "mqtts": 8883}
+TOPIC_FIELDS = frozenset({"hostname", "port", "name"})
+CLIENT_ID_FIELDS = frozenset({"hostname"})
+
+
+def _placeholders(value: str, allowed: frozenset[str]) -> str:
+    """A template with ``{placeholder}`` fields: each must be one of ``allowed``."""
+    try:
+        fields = [f for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
+    except ValueError as exc:
+        raise ValueError(f"{value!r}: {exc} (write {{{{ and }}}} for a literal brace)") from None
+    for name in fields:
+        if name not in allowed:
+            names = ", ".join(f"{{{n}}}" for n in sorted(allowed))
+            raise ValueError(f"unknown placeholder {{{name[:32]}}}; known: {names}")
+    return value
+
+
+def _topic(value: str) -> str:
+    if "+" in value or "#" in value or "\0" in value:
+        raise ValueError("a topic to publish to has no wildcards (+, #)")
+    return _placeholders(value, TOPIC_FIELDS)
+
+
+def _mqtt_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in MQTT_SCHEMES:
+        raise ValueError(f"{value!r}: the scheme is mqtt:// or mqtts://")
+    try:
+        parts.port  # noqa: B018 (validates it)
+    except ValueError:
+        raise ValueError(f"{value!r} has an invalid port") from None
+    if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.username:
+        raise ValueError(f"{value!r} is not a broker URL (e.g. mqtts://broker.example.net:8883)")
+    return value
+
+
+Template = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+class MqttSettings(_Model):
+    """``[mqtt]``: the uplink to an MQTT broker (relayd.toml(5), [mqtt])."""
+
+    url: Annotated[str, Field(max_length=1024), AfterValidator(_mqtt_url)] | None = None
+    client_id: Annotated[
+        str,
+        Field(min_length=1, max_length=128),
+        AfterValidator(lambda v: _placeholders(v, CLIENT_ID_FIELDS)),
+    ] = "relayd-{hostname}"
+    username: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    password_file: FilePath | None = None
+    ca_file: FilePath | None = None
+    cert_file: FilePath | None = None
+    key_file: FilePath | None = None
+    topic: Annotated[Template, AfterValidator(_topic)] = "relayd/{hostname}/{port}"
+    payload: Literal["raw", "json"] = "raw"
+    qos: Literal[0, 1] = 1
+    retain: bool = False
+    spool_max_bytes: Annotated[int, Field(ge=65536, le=1 << 44)] = 256 * 1024 * 1024
+    downlink_topic: Annotated[Template, AfterValidator(_topic)] | None = None
+
+    @model_validator(mode="after")
+    def _files(self) -> Self:
+        if self.cert_file is not None and self.key_file is None:
+            raise ValueError("cert_file needs key_file (the client certificate's key)")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file needs cert_file")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs username")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    @property
+    def address(self) -> tuple[str, int, bool]:
+        """The broker's host, port and whether it is TLS (``mqtts``)."""
+        assert self.url is not None
+        parts = urlsplit(self.url)
+        assert parts.hostname is not None
+        return parts.hostname, parts.port or MQTT_SCHEMES[parts.scheme], parts.scheme == "mqtts"
+
+
 _NO_HOST = {"host", "connect", "serial"}  # entries that take no [defaults] host
 
 
@@ -223,6 +308,7 @@ class Settings(_Model):
     defaults: DefaultsSettings = DefaultsSettings()
     relay: RelaySettings = RelaySettings()
     drain: DrainSettings = DrainSettings()
+    mqtt: MqttSettings = MqttSettings()
     ports: list[PortSettings] = []
 
     @model_validator(mode="before")

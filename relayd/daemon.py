@@ -145,6 +145,7 @@ async def serve(
     try:
         runtime.load_tls()
         runtime.load_auth()
+        runtime.load_mqtt()
     except ConfigError as exc:
         notifier.close()
         for problem in exc.problems:

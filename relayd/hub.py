@@ -108,6 +108,14 @@ class Source:
         return prefix
 
 
+class Tap(Protocol):
+    """One more consumer of every message, fed synchronously (the MQTT uplink)."""
+
+    json: bool
+
+    def publish(self, port: int, name: str | None, payloads: list[bytes]) -> None: ...
+
+
 class HubFull(Exception):
     pass
 
@@ -275,6 +283,7 @@ class Hub:
         self.history = History(epoch, history, history_max_bytes)
         self._epoch_seq = b'", "epoch": ' + json.dumps(epoch).encode() + b', "seq": '
         self._on_change = on_change  # the set of clients changed (STATUS= is debounced there)
+        self.tap: Tap | None = None  # the MQTT uplink, when [mqtt] is on
         self.rejected = 0  # subscriptions refused over max_clients
         self.queue_size = queue_size
         self.slow_client = slow_client
@@ -356,6 +365,12 @@ class Hub:
         first_seq = ring.seq + 1
         now = time.time()
         ring.add(messages, (now, source))
+        bodies = None
+        tap = self.tap
+        if tap is not None:  # the MQTT uplink (relayd.mqtt): raw messages or envelopes
+            if tap.json:
+                bodies = self._envelope_bodies(source, now, first_seq, messages)
+            tap.publish(port, source.name, messages if bodies is None else bodies)
         bare, envelope = self._targets_for(port)
         if not bare and not envelope:
             return
@@ -375,7 +390,9 @@ class Hub:
                     sub.scheduled = True
                     dirty.append(sub)
         if envelope:
-            frames = self._envelopes(source, now, first_seq, messages)
+            if bodies is None:
+                bodies = self._envelope_bodies(source, now, first_seq, messages)
+            frames = [encode_frame(body, OP_TEXT) for body in bodies]
             for sub in envelope:
                 sub.queue += frames
                 if not sub.scheduled:
@@ -387,15 +404,22 @@ class Hub:
     def _envelopes(
         self, source: Source, ts: float, first_seq: int, messages: Iterable[bytes]
     ) -> list[bytes]:
+        bodies = self._envelope_bodies(source, ts, first_seq, messages)
+        return [encode_frame(body, OP_TEXT) for body in bodies]
+
+    def _envelope_bodies(
+        self, source: Source, ts: float, first_seq: int, messages: Iterable[bytes]
+    ) -> list[bytes]:
+        """The JSON envelopes (relayd(8), JSON ENVELOPE), encoded once per batch."""
         head = source.json_prefix + _ts_text(ts) + self._epoch_seq
-        frames = []
+        bodies = []
         for seq, m in enumerate(messages, first_seq):
             try:
                 body = b', "data": ' + json.dumps(m.decode("utf-8")).encode() + b"}"
             except UnicodeDecodeError:
                 body = b', "data_b64": "' + base64.b64encode(m) + b'"}'
-            frames.append(encode_frame(head + str(seq).encode() + body, OP_TEXT))
-        return frames
+            bodies.append(head + str(seq).encode() + body)
+        return bodies
 
     # Replay
 

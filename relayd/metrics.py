@@ -126,6 +126,38 @@ class RelayCollector(Collector):
             "WebSocket handshakes refused over relay.max_clients",
             value=hub.rejected,
         )
+        yield from _mqtt(runtime)
+
+
+def _mqtt(runtime: Runtime) -> Iterator[Metric]:
+    """The MQTT uplink (relayd(8), MQTT); zeros when [mqtt] is off."""
+    mqtt = runtime.mqtt
+    spool = mqtt.spool if mqtt is not None else None
+    yield GaugeMetricFamily(
+        "relayd_mqtt_connected",
+        "Whether the MQTT broker connection is up (1) or not (0)",
+        value=1 if mqtt is not None and mqtt.state == "connected" else 0,
+    )
+    yield CounterMetricFamily(
+        "relayd_mqtt_published",
+        "Messages the MQTT broker acknowledged (QoS 1) or was handed (QoS 0)",
+        value=mqtt.published if mqtt is not None else 0,
+    )
+    yield GaugeMetricFamily(
+        "relayd_mqtt_spooled_messages",
+        "Messages in the spool not yet acknowledged by or handed to the broker",
+        value=spool.messages if spool is not None else 0,
+    )
+    yield GaugeMetricFamily(
+        "relayd_mqtt_spool_bytes",
+        "Bytes of the spool on disk (mqtt.spool_max_bytes)",
+        value=spool.bytes if spool is not None else 0,
+    )
+    yield CounterMetricFamily(
+        "relayd_mqtt_dropped",
+        "Messages dropped from the spool, oldest first, over mqtt.spool_max_bytes",
+        value=spool.dropped if spool is not None else 0,
+    )
 
 
 def render(registry: CollectorRegistry) -> bytes:

@@ -21,8 +21,9 @@ from typing import Literal
 
 from relayd import __version__, tls
 from relayd.access import Access, load_jwt
-from relayd.config import PortSettings, Settings, check_frame_size
-from relayd.downlink import Downlink
+from relayd.auth import Grant
+from relayd.config import MqttSettings, PortSettings, Settings, check_frame_size
+from relayd.downlink import Downlink, Refusal
 from relayd.errors import (
     BindError,
     ConfigError,
@@ -33,7 +34,8 @@ from relayd.errors import (
 )
 from relayd.hub import Hub
 from relayd.listeners import ListenerRegistry, Origin, PortSource, bind
-from relayd.parsing import Ports
+from relayd.mqtt import MqttUplink, Spool, import_paho, open_spool, read_password
+from relayd.parsing import ALL, Ports
 from relayd.state import PortState
 from relayd.systemd import Notifier
 from relayd.tokens import TokenRecord, TokenStore
@@ -44,6 +46,7 @@ STATUS_DEBOUNCE = 0.25  # seconds: coalesce STATUS= updates during connection bu
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 Phase = Literal["starting", "ready", "draining"]
+MQTT_GRANT = Grant(name="mqtt", read=ALL, write=ALL, kind="admin")  # downlink_topic writes
 
 
 class StopBudget:
@@ -126,6 +129,7 @@ class Runtime:
         self.http_address = f"{settings.http.host}:{settings.http.port}"
         self._prebound: list[tuple[PortSettings, Origin, socket.socket | None]] = []
         self._status_handle: asyncio.TimerHandle | None = None
+        self.mqtt: MqttUplink | None = None  # [mqtt]: the broker uplink (relayd.mqtt)
 
     # Access control and TLS
 
@@ -188,6 +192,64 @@ class Runtime:
     def http_timed_out(self) -> None:
         self.http_rejected["timeout"] += 1
 
+    # The MQTT uplink
+
+    def load_mqtt(self) -> None:
+        """Open the spool and make the uplink when [mqtt] is on; ConfigError: exit 78."""
+        self._set_uplink(self._make_uplink(self.settings.mqtt, None))
+
+    def _make_uplink(self, settings: MqttSettings, spool: Spool | None) -> MqttUplink | None:
+        if not settings.enabled:
+            return None
+        import_paho()  # the install hint first: nothing else matters without the library
+        password = read_password(settings)
+        if spool is None:
+            spool = open_spool(self.state.path.parent / "spool", settings.spool_max_bytes)
+        return MqttUplink(
+            settings,
+            spool,
+            password=password,
+            on_state=self.status_changed,
+            downlink=self._mqtt_downlink,
+            downlink_ports=self._downlink_ports,
+        )
+
+    def _set_uplink(self, uplink: MqttUplink | None) -> None:
+        self.mqtt = uplink
+        self.hub.tap = uplink
+
+    def _mqtt_downlink(self, port: int, data: bytes) -> None:
+        """A message on a port's ``downlink_topic``: written like any downlink (audited)."""
+        result = self.downlink.send(MQTT_GRANT, "mqtt", port, data)
+        if isinstance(result, Refusal):
+            logger.debug("mqtt downlink to port %d refused: %s", port, result.sentence)
+
+    def _downlink_ports(self) -> list[tuple[int, str | None]]:
+        return [
+            (source.port, source.settings.name)
+            for source in self.registry.listeners()
+            if source.settings.downlink and not source.draining
+        ]
+
+    async def _reload_mqtt(self, new: Settings) -> None:
+        """A changed [mqtt] gets a new client; the spool and what it holds are kept."""
+        old = self.mqtt
+        if new.mqtt == self.settings.mqtt:
+            return
+        spool = await old.detach() if old is not None else None
+        try:
+            uplink = self._make_uplink(new.mqtt, spool)
+        except ConfigError:
+            if old is not None:  # keep the running uplink
+                old.attach()
+            raise
+        if uplink is None and spool is not None:
+            spool.close()
+        self._set_uplink(uplink)
+        if uplink is not None and self.phase == "ready":
+            uplink.start()
+        self.status_changed()
+
     # Start and stop
 
     def bind_all(self) -> None:
@@ -227,6 +289,8 @@ class Runtime:
         self.phase = "ready"
         self.notifier.ready()
         self.notifier.status(self.status_text())
+        if self.mqtt is not None:  # after READY: the broker never delays it
+            self.mqtt.start()
 
     @property
     def draining(self) -> bool:
@@ -253,6 +317,9 @@ class Runtime:
         async with self.lock:
             await self.registry.drain_all(timeout, close_grace=close_grace)
         await self.hub.close(budget.left(reserve=StopBudget.HTTP_RESERVE))
+        if self.mqtt is not None:  # acknowledgements within drain.timeout; the rest stays spooled
+            wait = min(timeout, budget.left(reserve=StopBudget.HTTP_RESERVE))
+            await self.mqtt.close(wait)
         self.tokens.flush()  # when each token was last used
         logger.info("stopped relaying")
 
@@ -267,12 +334,24 @@ class Runtime:
         self._status_handle = None
         if not self.draining:
             self.notifier.status(self.status_text())
+            if self.mqtt is not None:
+                self.mqtt.resubscribe()
 
     def status_text(self) -> str:
         sources = self.registry.listeners()
         waiting = sum(1 for source in sources if source.state == "connecting")
         ports = f"{len(sources)} ports" + (f" ({waiting} connecting)" if waiting else "")
-        return f"relaying {ports}, {self.hub.clients} clients"
+        text = f"relaying {ports}, {self.hub.clients} clients"
+        mqtt = self.mqtt
+        if mqtt is not None and mqtt.state != "connected":
+            text += f", MQTT broker not connected ({mqtt.spooled} spooled)"
+        return text
+
+    def mqtt_status(self) -> dict[str, object]:
+        mqtt = self.mqtt
+        if mqtt is None:
+            return {"state": "off", "spooled": 0}
+        return {"state": mqtt.state, "spooled": mqtt.spooled}
 
     def status(self) -> dict[str, object]:
         return {
@@ -285,6 +364,7 @@ class Runtime:
             "ports": len(self.registry),
             "tcp_connections": self.registry.tcp_connections,
             "ws_clients": self.hub.clients,
+            "mqtt": self.mqtt_status(),
         }
 
     # Port changes (admin API)
@@ -374,6 +454,7 @@ class Runtime:
                     ports = [p for p, _ in self.state.apply(new.ports).values()]
                     http_tls, contexts = self._tls_contexts(effective, ports)
                     jwt = load_jwt(new)
+                    await self._reload_mqtt(new)
                 except ConfigError as exc:
                     for problem in exc.problems:
                         logger.error("reload rejected: %s", problem)

@@ -1,0 +1,479 @@
+"""The MQTT uplink: every relayed message to a broker, through a disk spool (relayd(8), MQTT).
+
+The hub hands each published batch to ``MqttUplink.publish`` (the tap); it
+only appends the rendered topic and payload to the spool, a write-ahead log
+in ``<state-dir>/spool/``. Everything the broker gets is read back from the
+spool, in order, at most ``WINDOW`` messages in flight; a message is
+acknowledged in the spool when the broker acknowledged it (QoS 1) or when it
+was written to the broker's socket (QoS 0). After a reconnect or a restart the
+spool is read again from its oldest unacknowledged message: at least once.
+
+Library: paho-mqtt (Debian ``python3-paho-mqtt``), run on relayd's own event
+loop through its socket callbacks (``loop_read``/``loop_write``/``loop_misc``),
+never with paho's threads. Only ``connect()`` (DNS, TCP, the TLS handshake,
+sending CONNECT) runs in a short-lived daemon thread: paho makes its socket
+itself, and a thread that is not the loop's default executor is never waited
+for at exit, so a broker that hangs cannot delay a stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+import random
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from relayd.config import MqttSettings
+from relayd.errors import ConfigError
+from relayd.spool import Spool as DiskSpool
+from relayd.spool import SpoolError, SpoolRecord
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "install python3-paho-mqtt (or pip install 'relayd[mqtt]')"
+WINDOW = 512  # messages in flight to the broker (paho walks its in-flight table per ack)
+BACKOFF_FIRST = 0.5
+BACKOFF_MAX = 30.0
+CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the broker's CONNACK
+KEEPALIVE = 30
+SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: power cut)
+
+State = Literal["off", "connecting", "connected"]
+
+
+class Spool(Protocol):
+    """What the uplink needs of the spool (relayd.spool)."""
+
+    @property
+    def messages(self) -> int: ...
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def dropped(self) -> int: ...
+    def append(self, topic: str, payload: builtins.bytes) -> None: ...
+    def flush(self) -> None: ...
+    def read(self, max_records: int) -> list[SpoolRecord]: ...
+    def rewind(self) -> None: ...
+    def ack(self, record_id: int) -> None: ...
+    async def sync(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def open_spool(directory: Path, max_bytes: int) -> Spool:
+    """The disk spool; ConfigError (exit 78) when its directory is unusable."""
+    try:
+        return DiskSpool.open(directory, max_bytes=max_bytes)
+    except SpoolError as exc:
+        raise ConfigError([f"[mqtt] spool: {exc}"]) from None
+
+
+def import_paho() -> Any:
+    """paho's client module; ConfigError with the install hint when it is missing."""
+    try:
+        import paho.mqtt.client as client
+    except ImportError:
+        raise ConfigError(
+            [f"[mqtt] is configured but paho-mqtt is missing: {INSTALL_HINT}"]
+        ) from None
+    return client
+
+
+def short_hostname() -> str:
+    return socket.gethostname().split(".")[0] or "localhost"
+
+
+def read_password(settings: MqttSettings) -> str | None:
+    if settings.password_file is None:
+        return None
+    try:
+        text = Path(settings.password_file).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not readable text"
+        raise ConfigError(
+            [f"mqtt.password_file: cannot read {settings.password_file}: {reason}"]
+        ) from None
+    return text
+
+
+def tls_context(settings: MqttSettings) -> ssl.SSLContext:
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file)
+        if settings.cert_file is not None:
+            context.load_cert_chain(settings.cert_file, settings.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError([f"[mqtt] TLS files: {reason}"]) from None
+    return context
+
+
+def _topic_part(value: str) -> str:
+    """A port name inside a topic: no level separator, no wildcard."""
+    return value.replace("/", "_").replace("+", "_").replace("#", "_")
+
+
+class Topics:
+    """The rendered topics of each port (``{hostname}``, ``{port}``, ``{name}``)."""
+
+    def __init__(self, template: str, hostname: str) -> None:
+        self.template = template
+        self.hostname = hostname
+        self._cache: dict[tuple[int, str | None], str] = {}
+
+    def render(self, port: int, name: str | None) -> str:
+        key = (port, name)
+        topic = self._cache.get(key)
+        if topic is None:
+            topic = self.template.format(
+                hostname=self.hostname, port=port, name=_topic_part(name or str(port))
+            )
+            self._cache[key] = topic
+        return topic
+
+
+class MqttUplink:
+    """One broker connection, reconnecting with backoff, fed from the spool."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        spool: Spool,
+        *,
+        password: str | None,
+        on_state: Callable[[], None],
+        downlink: Callable[[int, bytes], None],
+        downlink_ports: Callable[[], list[tuple[int, str | None]]],
+    ) -> None:
+        self._paho = import_paho()
+        self.settings = settings
+        self.spool = spool
+        self.json = settings.payload == "json"
+        self._password = password
+        self._tls = tls_context(settings) if settings.address[2] else None
+        self._on_state = on_state
+        self._downlink = downlink
+        self._downlink_ports = downlink_ports
+        hostname = short_hostname()
+        self.topics = Topics(settings.topic, hostname)
+        self.downlink_topics = (
+            Topics(settings.downlink_topic, hostname) if settings.downlink_topic else None
+        )
+        self.client_id = settings.client_id.format(hostname=hostname)
+        self.state: State = "connecting"
+        self.published = 0
+        self.last_error: str | None = None
+        self._loop = asyncio.get_running_loop()
+        self._client: Any = None
+        self._inflight: dict[int, int] = {}  # paho mid -> spool record id
+        self._subscribed: dict[str, int] = {}  # downlink topic -> port
+        self._pump_handle: asyncio.Handle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._sync_task: asyncio.Task[None] | None = None
+        self._connack: asyncio.Future[str | None] | None = None
+        self._lost = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._closing = False
+        self.connect_timeout = CONNECT_TIMEOUT
+
+    # The tap (the hub calls it for every published batch)
+
+    def publish(self, port: int, name: str | None, payloads: list[bytes]) -> None:
+        topic = self.topics.render(port, name)
+        append = self.spool.append
+        for payload in payloads:
+            append(topic, payload)
+        if self._pump_handle is None:
+            self._pump_handle = self._loop.call_soon(self._pump)
+
+    @property
+    def spooled(self) -> int:
+        return self.spool.messages
+
+    # Life
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+            self._sync_task = asyncio.create_task(self._sync_every())
+
+    async def close(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the broker to take what is spooled, then disconnect."""
+        self._pump()
+        if self.state == "connected" and self.spool.messages:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._idle.wait()
+        self._closing = True
+        await self._stop_tasks()
+        self._drop_client()
+        self.spool.flush()
+        with contextlib.suppress(Exception):
+            await self.spool.sync()
+        self.spool.close()
+        if self.spool.messages:
+            logger.info(
+                "mqtt: %d message(s) stay in the spool for the next start", self.spool.messages
+            )
+
+    async def detach(self) -> Spool:
+        """Stop this client (a reload replaces it); the spool goes on, to the next one."""
+        self._closing = True
+        await self._stop_tasks()
+        self._drop_client()
+        self.spool.flush()
+        return self.spool
+
+    def attach(self) -> None:
+        """Run again after ``detach`` (a reload that was rejected)."""
+        self._closing = False
+        self._task = self._sync_task = None
+        self.start()
+
+    async def _stop_tasks(self) -> None:
+        for task in (self._task, self._sync_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _sync_every(self) -> None:
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL)
+            await self.spool.sync()
+
+    async def _run(self) -> None:
+        delay = BACKOFF_FIRST
+        while not self._closing:
+            started = time.monotonic()
+            try:
+                await self._connect()
+            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+                self._failed(_reason(exc))
+            else:
+                if self.state == "connected":
+                    delay = BACKOFF_FIRST
+                await self._lost.wait()
+            self._drop_client()
+            self._set_state("connecting")
+            if time.monotonic() - started > BACKOFF_MAX:
+                delay = BACKOFF_FIRST
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 (jitter)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+    def _failed(self, reason: str) -> None:
+        if reason != self.last_error:  # one line per kind of failure, not per attempt
+            host, port, _ = self.settings.address
+            logger.warning("mqtt: broker %s:%d: %s; retrying with backoff", host, port, reason)
+        self.last_error = reason
+
+    async def _connect(self) -> None:
+        paho = self._paho
+        host, port, _ = self.settings.address
+        client = paho.Client(
+            paho.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            clean_session=True,
+            protocol=paho.MQTTv311,
+        )
+        client.max_inflight_messages_set(WINDOW)
+        client.max_queued_messages_set(0)
+        if self.settings.username is not None:
+            client.username_pw_set(self.settings.username, self._password)
+        if self._tls is not None:
+            client.tls_set_context(self._tls)
+        client.connect_timeout = self.connect_timeout
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        self._client = client
+        self._lost.clear()
+        self._connack = connack = self._loop.create_future()
+        done: asyncio.Future[BaseException | None] = self._loop.create_future()
+
+        def connect() -> None:  # in a daemon thread: DNS, TCP, TLS, CONNECT sent
+            try:
+                client.connect(host, port, keepalive=KEEPALIVE)
+                result: BaseException | None = None
+            except BaseException as exc:  # handed to the loop below
+                result = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: relayd exited
+                self._loop.call_soon_threadsafe(_settle, done, result)
+
+        threading.Thread(target=connect, name="relayd-mqtt-connect", daemon=True).start()
+        async with asyncio.timeout(self.connect_timeout):
+            error = await done
+            if error is not None:
+                raise error
+            if client is not self._client:
+                raise ConnectionError("closed")
+            sock = client.socket()
+            client.on_socket_register_write = lambda c, u, s: self._loop.add_writer(s, self._write)
+            client.on_socket_unregister_write = lambda c, u, s: self._loop.remove_writer(s)
+            client.on_socket_close = lambda c, u, s: self._forget(s)
+            self._loop.add_reader(sock, self._read)
+            if client.want_write():
+                self._loop.add_writer(sock, self._write)
+            self._misc_handle = self._loop.call_later(1.0, self._misc)
+            refused = await connack
+        if refused is not None:
+            self._failed(refused)
+            return
+        if self.last_error is not None:
+            logger.info("mqtt: connected to %s:%d", host, port)
+        else:
+            logger.info("mqtt: connected to %s:%d as %s", host, port, self.client_id)
+        self.last_error = None
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        handle = getattr(self, "_misc_handle", None)
+        if handle is not None:
+            handle.cancel()
+        sock = client.socket()
+        if sock is not None:
+            self._forget(sock)
+        client.on_disconnect = None
+        client.on_socket_close = None
+        client.on_socket_register_write = None
+        client.on_socket_unregister_write = None
+        with contextlib.suppress(Exception):
+            client.disconnect()
+        with contextlib.suppress(Exception):
+            if client.socket() is not None:
+                client.socket().close()
+        self._inflight.clear()
+        self._subscribed.clear()
+        self.spool.rewind()
+
+    def _forget(self, sock: Any) -> None:
+        """paho closes ``sock``: out of the selector first (its number may come back)."""
+        if sock.fileno() >= 0:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+
+    def _read(self) -> None:
+        client = self._client
+        if client is not None:
+            client.loop_read()
+
+    def _write(self) -> None:
+        client = self._client
+        if client is not None:
+            client.loop_write()
+
+    def _misc(self) -> None:
+        client = self._client
+        if client is not None:
+            client.loop_misc()
+            self._misc_handle = self._loop.call_later(1.0, self._misc)
+
+    # paho callbacks (on this loop)
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        if client is not self._client:
+            return
+        if reason.is_failure:
+            if self._connack is not None and not self._connack.done():
+                self._connack.set_result(f"connection refused: {reason}")
+            self._lost.set()
+            return
+        self._set_state("connected")
+        if self._connack is not None and not self._connack.done():
+            self._connack.set_result(None)
+        self.resubscribe()
+        self._pump()
+
+    def _on_disconnect(
+        self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
+    ) -> None:
+        if client is not self._client:
+            return
+        if self.state == "connected":
+            logger.warning("mqtt: lost the broker connection (%s); reconnecting", reason)
+        self._lost.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        record = self._inflight.pop(mid, None)
+        if record is None or client is not self._client:
+            return
+        self.spool.ack(record)
+        self.published += 1
+        if not self._inflight and not self.spool.messages:
+            self._idle.set()
+        if len(self._inflight) < WINDOW // 2 and self._pump_handle is None:
+            self._pump_handle = self._loop.call_soon(self._pump)
+
+    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
+        port = self._subscribed.get(message.topic)
+        if port is not None and message.payload:
+            self._downlink(port, bytes(message.payload))
+
+    # Publishing from the spool
+
+    def _pump(self) -> None:
+        self._pump_handle = None
+        spool = self.spool
+        spool.flush()
+        client = self._client
+        if self.state != "connected" or client is None:
+            return
+        room = WINDOW - len(self._inflight)
+        if room <= 0:
+            return
+        qos, retain = self.settings.qos, self.settings.retain
+        inflight = self._inflight
+        for record in spool.read(room):
+            info = client.publish(record.topic, record.payload, qos, retain)
+            if info.rc != 0:  # not connected any more: the spool is read again after reconnecting
+                return
+            inflight[info.mid] = record.id
+        if not inflight and not spool.messages:
+            self._idle.set()
+
+    def resubscribe(self) -> None:
+        """Subscribe to the downlink topic of each port with downlink = true."""
+        client = self._client
+        if self.downlink_topics is None or client is None or self.state != "connected":
+            return
+        wanted = {
+            self.downlink_topics.render(port, name): port for port, name in self._downlink_ports()
+        }
+        for topic in set(self._subscribed) - set(wanted):
+            client.unsubscribe(topic)
+        new = [(topic, 1) for topic in wanted if topic not in self._subscribed]
+        if new:
+            client.subscribe(new)
+        self._subscribed = wanted
+
+    def _set_state(self, state: State) -> None:
+        if state != self.state:
+            self.state = state
+            self._on_state()
+
+
+def _settle(future: asyncio.Future[BaseException | None], result: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, TimeoutError):
+        return "no answer to CONNECT in time (connect timeout)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__

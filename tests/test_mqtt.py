@@ -1,0 +1,307 @@
+"""The MQTT uplink (relayd(8), MQTT): a real relayd publishing to a real Mosquitto."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from relayd import mqtt
+from relayd.config import Settings
+from relayd.errors import ConfigError
+from tests.helpers import MS, Daemon, NotifySocket, device, run_daemon, wait_until
+from tests.mosquitto import Mosquitto, Subscriber
+
+pytestmark = pytest.mark.anyio
+
+HOST = mqtt.short_hostname()
+
+
+def mqtt_extra(url: str, **keys: object) -> str:
+    text = f'[mqtt]\nurl = "{url}"\n'
+    for key, value in keys.items():
+        text += f"{key} = {json.dumps(value)}\n"
+    return text
+
+
+@pytest.fixture
+async def broker(tmp_path: Path) -> AsyncIterator[Mosquitto]:
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker")
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.stop()
+
+
+async def subscribe(broker: Mosquitto, topic: str = "#") -> Subscriber:
+    sub = Subscriber(broker.port, topic)
+    await sub.ready()
+    return sub
+
+
+async def send_lines(port: int, lines: list[bytes]) -> None:
+    sock = await device(port)
+    await asyncio.get_running_loop().sock_sendall(sock, b"".join(line + b"\n" for line in lines))
+    sock.close()
+
+
+async def connected(d: Daemon) -> None:
+    await wait_until(lambda: d.runtime.mqtt is not None and d.runtime.mqtt.state == "connected")
+
+
+# --- configuration ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mqtt_table", "expected"),
+    [
+        ('url = "mqtt://b"\ntopic = "x/{host}"', "unknown placeholder {host}"),
+        ('url = "mqtt://b"\nclient_id = "gw-{port}"', "unknown placeholder {port}"),
+        ('url = "mqtt://b"\nqos = 2', "mqtt.qos"),
+        ('url = "http://b"', "the scheme is mqtt:// or mqtts://"),
+        ('url = "mqtt://b"\ntopic = "x/#"', "no wildcards"),
+        ('url = "mqtt://b"\npassword_file = "/p"', "password_file needs username"),
+    ],
+)
+def test_bad_mqtt_config_is_exit_78(tmp_path: Path, mqtt_table: str, expected: str) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(f"[mqtt]\n{mqtt_table}\n")
+    with pytest.raises(ConfigError) as info:
+        Settings.load(cfg)
+    assert expected in str(info.value)
+    result = subprocess.run(
+        [sys.executable, "-m", "relayd", "--config", str(cfg), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 78
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_library_is_exit_78_with_a_hint(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text('[http]\nhost = "127.0.0.1"\nport = 1\n[mqtt]\nurl = "mqtt://127.0.0.1:1"\n')
+    block = (
+        "import sys, runpy\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'paho' or name.startswith('paho.'):\n"
+        "            raise ImportError('blocked by the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "sys.argv = ['relayd', *sys.argv[1:]]\n"
+        "runpy.run_module('relayd', run_name='__main__')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", block, "--config", str(cfg), "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 78, result.stderr
+    assert "install python3-paho-mqtt (or pip install 'relayd[mqtt]')" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_topics_render_placeholders() -> None:
+    topics = mqtt.Topics("gw/{hostname}/{port}/{name}", "edge1")
+    assert topics.render(8100, "scale/1+#") == "gw/edge1/8100/scale_1__"
+    assert topics.render(8101, None) == "gw/edge1/8101/8101"
+
+
+# --- publishing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+async def test_raw_messages_are_published_in_order(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto, qos: int
+) -> None:
+    sub = await subscribe(broker)
+    extra = mqtt_extra(broker.url, qos=qos, topic="t/{hostname}/{port}/{name}")
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await connected(d)
+            port = d.ports[0]
+            lines = [f"m{i}".encode() for i in range(500)]
+            await send_lines(port, lines)
+            got = await sub.wait_for(500)
+            assert [p for _, p, _ in got] == lines
+            assert {t for t, _, _ in got} == {f"t/{HOST}/{port}/dev-{port}"}
+            assert not any(r for _, _, r in got)
+            await wait_until(lambda: d.runtime.mqtt.spooled == 0)
+            assert d.runtime.mqtt.published == 500
+    finally:
+        sub.close()
+
+
+async def test_json_payload_is_the_envelope_and_retain(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    extra = mqtt_extra(broker.url, payload="json", retain=True, qos=1)
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        await connected(d)
+        port = d.ports[0]
+        await send_lines(port, [b"hello", b"world"])
+        await wait_until(lambda: d.runtime.mqtt.published == 2)
+        # A subscriber that comes later gets the retained last message.
+        sub = await subscribe(broker)
+        try:
+            topic, payload, retained = (await sub.wait_for(1))[0]
+        finally:
+            sub.close()
+    assert topic == f"relayd/{HOST}/{port}"
+    assert retained
+    envelope = json.loads(payload)
+    assert envelope["data"] == "world"
+    assert envelope["port"] == port and envelope["seq"] == 2
+    assert envelope["epoch"] == d.runtime.epoch
+
+
+async def test_broker_down_at_start_ready_anyway_then_published_in_order(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker")
+    extra = mqtt_extra(b.url, qos=1)
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        assert d.runtime.mqtt.state == "connecting"
+        lines = [f"early{i}".encode() for i in range(200)]
+        await send_lines(d.ports[0], lines)
+        await wait_until(lambda: d.runtime.mqtt.spooled == 200)
+        async with d.admin() as admin:
+            status = (await admin.get("/v1/status")).json()
+        assert status["mqtt"] == {"state": "connecting", "spooled": 200}
+        await b.start()
+        sub = await subscribe(b)
+        try:
+            # The subscriber came first: everything spooled is published after it.
+            got = await sub.wait_for(200, timeout=40_000 * MS)
+            assert [p for _, p, _ in got] == lines
+        finally:
+            sub.close()
+            await b.stop()
+
+
+async def test_broker_restart_mid_stream_loses_nothing(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    extra = mqtt_extra(broker.url, qos=1)
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        await connected(d)
+        port = d.ports[0]
+        await send_lines(port, [f"a{i}".encode() for i in range(100)])
+        await wait_until(lambda: d.runtime.mqtt.published == 100)
+        await broker.stop()
+        await wait_until(lambda: d.runtime.mqtt.state == "connecting")
+        await send_lines(port, [f"b{i}".encode() for i in range(100)])
+        await wait_until(lambda: d.runtime.mqtt.spooled == 100)
+        await broker.start()
+        sub = await subscribe(broker)
+        try:
+            got = await sub.wait_for(100, timeout=40_000 * MS)
+        finally:
+            sub.close()
+        assert [p for _, p, _ in got] == [f"b{i}".encode() for i in range(100)]
+
+
+async def test_spooled_messages_survive_a_restart_of_relayd(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker")
+    extra = mqtt_extra(b.url, qos=1)
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        await send_lines(d.ports[0], [f"kept{i}".encode() for i in range(50)])
+        await wait_until(lambda: d.runtime.mqtt.spooled == 50)
+    assert await d.stop() == 0
+    await b.start()
+    sub = await subscribe(b)
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d2:
+            assert d2.runtime.mqtt.spooled == 50
+            got = await sub.wait_for(50, timeout=40_000 * MS)
+            assert [p for _, p, _ in got] == [f"kept{i}".encode() for i in range(50)]
+    finally:
+        sub.close()
+        await b.stop()
+
+
+async def test_stop_with_the_broker_up_waits_for_acks(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    sub = await subscribe(broker)
+    extra = mqtt_extra(broker.url, qos=1)
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await connected(d)
+            await send_lines(d.ports[0], [f"s{i}".encode() for i in range(2000)])
+            await wait_until(lambda: d.runtime.registry.get(d.ports[0]).messages_received == 2000)
+            assert await d.stop() == 0
+            assert d.runtime.mqtt.spooled == 0
+            assert d.runtime.mqtt.published == 2000
+        await sub.wait_for(2000)
+    finally:
+        sub.close()
+
+
+# --- bad brokers --------------------------------------------------------------------
+
+
+async def test_bad_credentials_one_log_line_and_backoff(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker", users={"gw": "right"})
+    await b.start()
+    (tmp_path / "pw").write_text("wrong\n")
+    extra = mqtt_extra(b.url, username="gw", password_file=str(tmp_path / "pw"))
+    caplog.set_level(logging.INFO, "relayd")
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await wait_until(lambda: d.runtime.mqtt.last_error is not None)
+            assert "refused" in d.runtime.mqtt.last_error
+            await send_lines(d.ports[0], [b"x"])
+            await wait_until(lambda: d.runtime.mqtt.spooled == 1)
+            assert d.runtime.mqtt.state == "connecting"
+    finally:
+        await b.stop()
+    refused = [r for r in caplog.records if "connection refused" in r.getMessage()]
+    assert len(refused) == 1
+    assert "wrong" not in caplog.text
+
+
+async def test_a_broker_that_never_answers_connect_times_out(
+    tmp_path: Path,
+    notify: NotifySocket,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    accepted = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set()
+        await reader.read()  # reads CONNECT and says nothing
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    monkeypatch.setattr(mqtt, "CONNECT_TIMEOUT", 300 * MS)
+    caplog.set_level(logging.INFO, "relayd")
+    async with server:
+        async with run_daemon(
+            tmp_path, notify, nports=1, extra=mqtt_extra(f"mqtt://127.0.0.1:{port}")
+        ) as d:
+            async with asyncio.timeout(5_000 * MS):
+                await accepted.wait()
+            await wait_until(lambda: d.runtime.mqtt.last_error is not None)
+            assert "connect timeout" in d.runtime.mqtt.last_error
+            assert d.runtime.mqtt.state == "connecting"
