@@ -11,144 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import socket
-import subprocess
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.helpers import (
-    MS,
-    DaemonProcess,
-    NotifySocket,
-    free_port,
-    relayd_command,
-    send_device,
-    spawn_daemon,
-)
+from tests.helpers import MS, DaemonProcess, NotifySocket, send_device, spawn_daemon
+from tests.mosquitto import Mosquitto, Subscriber
 
 pytestmark = pytest.mark.anyio
-
-
-def mosquitto_missing() -> str | None:
-    """Why the fleet cannot run here, or None."""
-    missing = [tool for tool in ("mosquitto", "mosquitto_sub") if shutil.which(tool) is None]
-    if missing and not os.environ.get("RELAYD_TEST_REQUIRE_MOSQUITTO"):
-        return f"{' and '.join(missing)} not installed (Debian: mosquitto, mosquitto-clients)"
-    return None
-
-
-def uplink_missing(tmp_path: Path) -> str | None:
-    """Until the MQTT uplink is merged, relayd refuses [mqtt] as an unknown key."""
-    cfg = tmp_path / "probe.toml"
-    cfg.write_text(mqtt_section(1883, 0))
-    check = subprocess.run(
-        relayd_command("--check-config", "--config", str(cfg)),
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    return "relayd has no [mqtt] uplink yet" if "mqtt: unknown key" in check.stderr else None
-
-
-@pytest.fixture(autouse=True)
-def _needs_mosquitto(tmp_path: Path) -> None:
-    reason = mosquitto_missing() or uplink_missing(tmp_path)
-    if reason:
-        pytest.skip(reason)
-
 
 N_GATEWAYS = 3
 LINES = 200  # per port and phase
 
 
-# --- a minimal Mosquitto and its subscriber (mosquitto_sub) -------------------------
-
-
-@dataclass
-class Broker:
-    proc: asyncio.subprocess.Process
-    port: int
-
-
-@contextlib.asynccontextmanager
-async def mosquitto(tmp_path: Path) -> AsyncIterator[Broker]:
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
-    proc = await asyncio.create_subprocess_exec(
-        "mosquitto", "-c", str(conf), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    try:
-        async with asyncio.timeout(10_000 * MS):
-            while True:  # no readiness signal: the listening socket is the event
-                try:
-                    _, w = await asyncio.open_connection("127.0.0.1", port)
-                except OSError:
-                    assert proc.returncode is None, "mosquitto exited"
-                    await asyncio.sleep(0.02)
-                    continue
-                w.close()
-                await w.wait_closed()
-                break
-        yield Broker(proc, port)
-    finally:
-        proc.terminate()
-        await proc.wait()
-
-
-@dataclass
-class Subscriber:
-    """``mosquitto_sub -v`` on ``relayd/+/+`` at QoS 1: every message, by topic."""
-
-    proc: asyncio.subprocess.Process
-    by_topic: dict[str, list[str]] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
-    subscribed: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def read(self) -> None:
-        assert self.proc.stdout is not None
-        async for raw in self.proc.stdout:
-            line = raw.decode().rstrip("\n")
-            if line.startswith("MSG "):
-                topic, _, payload = line[4:].partition(" ")
-                self.by_topic.setdefault(topic, []).append(payload)
-                self.changed.set()
-            elif "received SUBACK" in line:
-                self.subscribed.set()
-
-    async def wait(self, done: Callable[[], bool], timeout: float = 10_000 * MS) -> None:
-        async with asyncio.timeout(timeout):
-            while not done():
-                self.changed.clear()
-                await self.changed.wait()
-
-
-@contextlib.asynccontextmanager
-async def subscriber(broker: Broker) -> AsyncIterator[Subscriber]:
-    proc = await asyncio.create_subprocess_exec(
-        *("stdbuf", "-oL", "mosquitto_sub", "-d", "-h", "127.0.0.1", "-p", str(broker.port)),
-        *("-q", "1", "-t", "relayd/+/+", "-F", "MSG %t %p"),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    sub = Subscriber(proc)
-    reader = asyncio.create_task(sub.read())
-    try:
-        async with asyncio.timeout(10_000 * MS):
-            await sub.subscribed.wait()
-        yield sub
-    finally:
-        proc.terminate()
-        await proc.wait()
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+async def until(sub: Subscriber, done: Callable[[], bool], at_least: int) -> None:
+    """Wait for ``at_least`` messages, then for each further one until ``done()``
+    (repeats count in ``sub.messages``; every wait is bounded)."""
+    while not done():
+        await sub.wait_for(max(at_least, len(sub.messages) + 1))
 
 
 # --- a TCP proxy between one gateway and the broker, that the test can cut ----------
@@ -279,13 +162,18 @@ def expected(n: int, port: int, lines: range) -> list[str]:
 async def test_three_gateways_one_broker_one_cut(tmp_path: Path) -> None:
     host = short_hostname()
     async with contextlib.AsyncExitStack() as stack:
-        broker = await stack.enter_async_context(mosquitto(tmp_path))
-        sub = await stack.enter_async_context(subscriber(broker))
+        (tmp_path / "broker").mkdir()
+        broker = Mosquitto(tmp_path / "broker")
+        await broker.start()
+        stack.push_async_callback(broker.stop)
+        sub = Subscriber(broker.port, "relayd/+/+")
+        stack.callback(sub.close)
+        await sub.ready()
         proxy = CuttableProxy(broker.port)
         await proxy.allow()
         stack.push_async_callback(proxy.close)
-        gateways: list[DaemonProcess] = []
-        for n in range(1, N_GATEWAYS + 1):
+
+        async def gateway(n: int) -> DaemonProcess:
             gw_dir = tmp_path / f"gw{n}"
             gw_dir.mkdir()
             notify = NotifySocket(gw_dir / "notify.sock")
@@ -295,7 +183,10 @@ async def test_three_gateways_one_broker_one_cut(tmp_path: Path) -> None:
                 spawn_daemon(gw_dir, notify, nports=2, extra=mqtt_section(port, n))
             )
             await stack.enter_async_context(notify.drained())
-            gateways.append(d)
+            return d
+
+        # Started side by side: each one's start is mostly its imports.
+        gateways = await asyncio.gather(*(gateway(n) for n in range(1, N_GATEWAYS + 1)))
         topics = {
             f"relayd/{host}-{n}/{port}": (n, port)
             for n, d in enumerate(gateways, 1)
@@ -308,10 +199,16 @@ async def test_three_gateways_one_broker_one_cut(tmp_path: Path) -> None:
         first = range(LINES)
         await asyncio.gather(*(feed(d, n, first) for n, d in enumerate(gateways, 1)))
 
-        def seen(topic: str) -> list[str]:
-            return first_seen(sub.by_topic.get(topic, []))
+        def by_topic() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for topic, payload, _ in list(sub.messages):
+                out.setdefault(topic, []).append(payload.decode())
+            return out
 
-        await sub.wait(lambda: all(len(seen(t)) >= LINES for t in topics))
+        def seen(topic: str) -> list[str]:
+            return first_seen(by_topic().get(topic, []))
+
+        await until(sub, lambda: all(len(seen(t)) >= LINES for t in topics), LINES * len(topics))
 
         # Phase 2: gateway 2 loses the broker; its devices go on sending.
         await proxy.cut()
@@ -324,8 +221,10 @@ async def test_three_gateways_one_broker_one_cut(tmp_path: Path) -> None:
         # Phase 3: the connection comes back; the spool goes out first, in order.
         await proxy.allow()
         whole = range(2 * LINES)
-        await sub.wait(lambda: all(len(seen(t)) >= len(whole) for t in topics))
-        assert set(sub.by_topic) == set(topics), "a topic no gateway should use"
+        await until(
+            sub, lambda: all(len(seen(t)) >= len(whole) for t in topics), len(whole) * len(topics)
+        )
+        assert set(by_topic()) == set(topics), "a topic no gateway should use"
         for topic, (n, port) in topics.items():
             assert seen(topic) == expected(n, port, whole), topic
         assert proxy.accepted >= 2  # gateway 2 did reconnect through the proxy
