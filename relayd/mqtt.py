@@ -469,7 +469,7 @@ def _settle(future: asyncio.Future[BaseException | None], result: BaseException 
 
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: {exc.verify_message or exc.reason}"
+        return f"TLS: certificate verify failed: {exc.verify_message or exc.reason}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or exc}"
     if isinstance(exc, TimeoutError):

@@ -48,8 +48,9 @@ async def test_status_and_ports(shared_daemon: Daemon) -> None:
         assert status["http"] == f"127.0.0.1:{d.http_port}"
         assert set(status) == {
             "version", "pid", "uptime_s", "state", "drain_timeout", "http", "ports",
-            "tcp_connections", "ws_clients",
+            "tcp_connections", "ws_clients", "mqtt",
         }  # fmt: skip
+        assert status["mqtt"] == {"state": "off", "spooled": 0}
         ports = (await admin.get("/v1/ports")).json()
         assert [p["port"] for p in ports] == sorted(d.ports)
         one = (await admin.get(f"/v1/ports/{d.ports[0]}")).json()

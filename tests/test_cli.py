@@ -695,6 +695,16 @@ def test_status() -> None:
     assert [s.path for s in state.seen] == ["/v1/status", "/v1/ports"]
 
 
+def test_status_shows_the_mqtt_uplink() -> None:
+    body = {"state": "ready", "mqtt": {"state": "connecting", "spooled": 1200}}
+    transport = httpx.MockTransport(
+        lambda request: httpx.Response(200, json=body if request.url.path == "/v1/status" else [])
+    )
+    result = invoke(["status"], transport)
+    assert result.exit_code == 0, result.stderr
+    assert "mqtt             connecting, 1200 spooled" in result.stdout.splitlines()
+
+
 def test_status_json_prints_the_api_json_unchanged() -> None:
     body = b'{"version": "0.1.0",   "state": "draining"}'
     transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))

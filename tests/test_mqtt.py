@@ -305,3 +305,128 @@ async def test_a_broker_that_never_answers_connect_times_out(
             await wait_until(lambda: d.runtime.mqtt.last_error is not None)
             assert "connect timeout" in d.runtime.mqtt.last_error
             assert d.runtime.mqtt.state == "connecting"
+
+
+# --- status, STATUS=, metrics -------------------------------------------------------
+
+
+async def test_status_status_line_and_metrics_follow_the_broker(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    extra = mqtt_extra(broker.url, qos=1)
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        await connected(d)
+        await send_lines(d.ports[0], [b"one", b"two"])
+        await wait_until(lambda: d.runtime.mqtt.published == 2)
+        async with d.admin() as admin:
+            assert (await admin.get("/v1/status")).json()["mqtt"] == {
+                "state": "connected",
+                "spooled": 0,
+            }
+            metrics = (await admin.get("/metrics")).text
+        assert "relayd_mqtt_connected 1.0" in metrics
+        assert "relayd_mqtt_published_total 2.0" in metrics
+        assert "relayd_mqtt_spooled_messages 0.0" in metrics
+        assert "relayd_mqtt_dropped_total 0.0" in metrics
+        assert "relayd_mqtt_spool_bytes" in metrics
+        await broker.stop()
+        message = await notify.wait_for("STATUS=relaying 1 ports, 0 clients, MQTT broker not")
+        assert "MQTT broker not connected" in message
+        await send_lines(d.ports[0], [b"three"])
+        await wait_until(lambda: d.runtime.mqtt.spooled == 1)
+        async with d.admin() as admin:
+            metrics = (await admin.get("/metrics")).text
+        assert "relayd_mqtt_connected 0.0" in metrics
+        assert "relayd_mqtt_spooled_messages 1.0" in metrics
+        await broker.start()
+        async with asyncio.timeout(40_000 * MS):  # connected again: no mention any more
+            while "MQTT" in await notify.wait_for("STATUS="):
+                pass
+
+
+# --- downlink_topic -----------------------------------------------------------------
+
+
+async def test_downlink_topic_writes_to_the_port_devices_audited(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    extra = mqtt_extra(broker.url, downlink_topic="cmd/{hostname}/{port}")
+    caplog.set_level(logging.INFO, "relayd.audit")
+    async with run_daemon(
+        tmp_path, notify, nports=2, extra=extra, port_extra="downlink = true"
+    ) as d:
+        await connected(d)
+        port = d.ports[0]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        await wait_until(lambda: len(d.runtime.registry.get(port).connections) == 1)
+        await wait_until(lambda: len(d.runtime.mqtt._subscribed) == 2)
+        sub = await subscribe(broker, "nothing")
+        try:
+            sub.publish(f"cmd/{HOST}/{port}", b"TARE")
+            async with asyncio.timeout(10_000 * MS):
+                assert await reader.readline() == b"TARE\n"
+        finally:
+            sub.close()
+            writer.close()
+    assert f"downlink: mqtt wrote 5 byte(s) to 1 device(s) on port {port}" in caplog.text
+
+
+# --- reload -------------------------------------------------------------------------
+
+
+async def test_reload_with_a_changed_mqtt_gets_a_new_client_and_keeps_the_spool(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    (tmp_path / "other").mkdir()
+    other = Mosquitto(tmp_path / "other")
+    extra = mqtt_extra(other.url, qos=1)  # down
+    async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+        await send_lines(d.ports[0], [b"r1", b"r2"])
+        await wait_until(lambda: d.runtime.mqtt.spooled == 2)
+        sub = await subscribe(broker)
+        try:
+            d.config.write_text(d.config.read_text().replace(other.url, broker.url))
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code == 200
+            got = await sub.wait_for(2)
+            assert [p for _, p, _ in got] == [b"r1", b"r2"]
+            # a bad [mqtt] is refused and leaves the running uplink alone
+            d.config.write_text(d.config.read_text().replace(broker.url, "http://x"))
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code != 200
+            await send_lines(d.ports[0], [b"r3"])
+            got = await sub.wait_for(3)
+            assert got[2][1] == b"r3"
+        finally:
+            sub.close()
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+
+async def test_mqtts_with_ca_file_and_a_wrong_ca_is_a_clear_tls_error(
+    tmp_path: Path, notify: NotifySocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.certs import Authority
+
+    ca = Authority(tmp_path / "ca", "ca")
+    wrong = Authority(tmp_path / "wrong", "wrong")
+    server = ca.issue("localhost", server=True)
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker", tls=(str(server.cert), str(server.key)))
+    await b.start()
+    caplog.set_level(logging.INFO, "relayd")
+    try:
+        extra = mqtt_extra(b.url, ca_file=str(ca.cert))
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await connected(d)
+            await send_lines(d.ports[0], [b"secure"])
+            await wait_until(lambda: d.runtime.mqtt.published == 1)
+        extra = mqtt_extra(b.url, ca_file=str(wrong.cert))
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await wait_until(lambda: d.runtime.mqtt.last_error is not None)
+            assert "TLS" in d.runtime.mqtt.last_error
+            assert "certificate" in d.runtime.mqtt.last_error
+    finally:
+        await b.stop()
+    assert "TLS: certificate verify failed" in caplog.text
