@@ -55,3 +55,10 @@ bench-mqtt: bench-deps
 	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \
 	  echo "make bench-mqtt: needs mosquitto and mosquitto_sub (apt install mosquitto mosquitto-clients)" >&2; exit 1; }
 	$(BENCH_PY) -m bench.mqtt --markdown bench/RESULTS.md $(BENCH_MQTT_ARGS)
+
+# Issue 15: the MQTT disk spool's write, replay and live rates (bench/spool.py; ~1 min).
+#   make bench-spool BENCH_SPOOL_ARGS='--messages 100000'    # shorter
+BENCH_SPOOL_ARGS ?=
+.PHONY: bench-spool
+bench-spool:
+	$(BENCH_PY) -m bench.spool $(BENCH_SPOOL_ARGS)

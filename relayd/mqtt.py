@@ -304,6 +304,7 @@ class MqttUplink:
                 client.connect(host, port, keepalive=KEEPALIVE)
                 result: BaseException | None = None
             except BaseException as exc:  # handed to the loop below
+                _close_sockets(exc)
                 result = exc
             with contextlib.suppress(RuntimeError):  # the loop is gone: relayd exited
                 self._loop.call_soon_threadsafe(_settle, done, result)
@@ -465,6 +466,21 @@ class MqttUplink:
 def _settle(future: asyncio.Future[BaseException | None], result: BaseException | None) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _close_sockets(exc: BaseException) -> None:
+    """Close the sockets a failed ``connect()`` left open.
+
+    paho (2.1, 2.2) does not close its TLS socket when the handshake fails; it
+    is still referenced by the traceback's frames, so close it there rather
+    than leave it to the garbage collector (a descriptor held per attempt).
+    """
+    tb = exc.__traceback__
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next
 
 
 def _reason(exc: BaseException) -> str:

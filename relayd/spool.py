@@ -1,4 +1,4 @@
-"""The MQTT uplink's write-ahead disk spool (see relayd(8), THE MQTT SPOOL).
+"""The MQTT uplink's write-ahead disk spool (see relayd(8), MQTT SPOOL).
 
 Every message the uplink publishes goes through here first: ``append`` (hot
 path, memory only) → ``flush`` (one ``write`` per loop iteration) → ``read``
@@ -480,6 +480,12 @@ class Spool:
             return
         self.flush()
         self._closed = True
+        if self._pend:
+            logger.warning(
+                "spool %s: %d messages that could not be written are lost at stop",
+                self._dir,
+                len(self._pend),
+            )
         fds, low, free, dirty = self._prepare_sync()
         self._retired = []
         if self._fd >= 0:

@@ -1,4 +1,4 @@
-"""The on-disk format of the MQTT spool's segments (see relayd(8), THE MQTT SPOOL).
+"""The on-disk format of the MQTT spool's segments (see relayd(8), MQTT SPOOL).
 
 A segment is ``<state-dir>/spool/<20-digit id of its first record>.seg``: the
 8-byte magic ``RDSPOOL1`` followed by records, each::
@@ -114,25 +114,41 @@ def scan(data: bytes, name_id: int) -> Scan:
     s.good_end = off
     prev = name_id - 1
     jumps: list[tuple[int, int]] = []
-    while off < len(data):
-        got = decode(data, off)
-        if isinstance(got, str):
-            s.torn = got == SHORT
-            s.problem = "last record cut short" if s.torn else f"{got} at offset {off}"
+    # decode() without building records: recovery only needs ids and checksums.
+    view, size, count = memoryview(data), len(data), 0
+    unpack_head, unpack_id, crc32 = _LEN_CRC.unpack_from, _ID_TLEN.unpack_from, zlib.crc32
+    while off < size:
+        if off + HEAD > size:
+            s.torn, s.problem = True, "last record cut short"
             break
-        rid = got[0]
+        length, crc = unpack_head(view, off)
+        end = off + HEAD + length
+        if length < _MIN_BODY or length > MAX_BODY:
+            s.problem = f"bad record length {length} at offset {off}"
+            break
+        if end > size:
+            s.torn, s.problem = True, "last record cut short"
+            break
+        if crc32(view[off + HEAD : end]) != crc:
+            s.problem = f"checksum mismatch at offset {off}"
+            break
+        rid, tlen = unpack_id(view, off + HEAD)
+        if _MIN_BODY + tlen > length:
+            s.problem = f"bad topic length {tlen} at offset {off}"
+            break
         if rid <= prev:
             s.problem = f"record id {rid} out of order at offset {off}"
             break
-        if rid != prev + 1 and s.count:
+        if rid != prev + 1 and count:
             jumps.append((prev + 1, rid))
-        if not s.count:
+        if not count:
             s.first = rid
-        s.count += 1
-        s.last = rid
+        count += 1
         prev = rid
-        off = got[3]
-        s.good_end = off
+        off = end
+    s.count = count
+    s.last = prev if count else -1
+    s.good_end = off  # the start of the damaged record, if any
     s.jumps = jumps
     return s
 
@@ -182,10 +198,13 @@ def recover(directory: Path, commit: Path) -> Recovered:
     next_id = low
     expect = low  # the id that would follow the records kept so far
     for i, (sid, path) in enumerate(found):
-        next_id = max(next_id, sid)
+        next_id = max(next_id, sid + 1)  # a new segment's name never meets an old one
         data = path.read_bytes()
         s = scan(data, sid)
-        if s.problem is not None and not (s.torn and i == len(found) - 1):
+        # The last segment's damage is a write a crash (or power cut) cut short: cut
+        # it off there. Elsewhere, or with nothing whole before it, set the file aside.
+        last = i == len(found) - 1
+        if s.problem is not None and (not last or (not s.count and not s.torn)):
             aside = path.with_name(path.stem + CORRUPT_SUFFIX)
             logger.warning(
                 "spool segment %s is damaged (%s): set aside as %s",
@@ -201,7 +220,7 @@ def recover(directory: Path, commit: Path) -> Recovered:
             continue
         if s.problem is not None:
             logger.warning(
-                "spool segment %s: %s (a crash while writing): %d bytes cut off",
+                "spool segment %s: %s (a crash while writing?): %d bytes cut off",
                 path.name,
                 s.problem,
                 len(data) - s.good_end,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import socket
@@ -24,20 +25,42 @@ import pytest
 
 from tests.helpers import MS, free_port
 
-MOSQUITTO = shutil.which("mosquitto") or (
-    "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
-)
-PASSWD = shutil.which("mosquitto_passwd")
+INSTALL_SCRIPT = Path(__file__).with_name("install-mosquitto.sh")
+
+
+def _which(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin")
+
+
+@functools.cache
+def find_or_install_mosquitto() -> tuple[str | None, str]:
+    """The broker (installing Debian's package when missing, as root), or a reason."""
+    found = _which("mosquitto")
+    if found:
+        return found, ""
+    if os.environ.get("RELAYD_TEST_NO_INSTALL"):
+        return None, "mosquitto is not installed (RELAYD_TEST_NO_INSTALL is set)"
+    try:
+        result = subprocess.run(
+            [str(INSTALL_SCRIPT)], capture_output=True, text=True, timeout=900, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"cannot install mosquitto: {exc}"
+    found = _which("mosquitto")
+    if result.returncode != 0 or found is None:
+        lines = result.stderr.strip().splitlines() or ["(no output)"]
+        return None, f"cannot install mosquitto: {lines[-1]}"
+    return found, ""
 
 
 def need_mosquitto() -> str:
     """The broker binary, or skip (fail when RELAYD_TEST_REQUIRE_MOSQUITTO=1)."""
-    if MOSQUITTO is None:
-        reason = "mosquitto is not installed (apt install mosquitto)"
+    found, reason = find_or_install_mosquitto()
+    if found is None:
         if os.environ.get("RELAYD_TEST_REQUIRE_MOSQUITTO") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
-    return MOSQUITTO
+    return found
 
 
 @dataclass
@@ -56,8 +79,9 @@ class Mosquitto:
         if self.users:
             passwd = self.directory / "passwd"
             passwd.write_text("".join(f"{u}:{p}\n" for u, p in self.users.items()))
-            assert PASSWD is not None, "mosquitto_passwd is missing"
-            subprocess.run([PASSWD, "-U", str(passwd)], check=True, capture_output=True)
+            passwd_tool = _which("mosquitto_passwd")
+            assert passwd_tool is not None, "mosquitto_passwd is missing"
+            subprocess.run([passwd_tool, "-U", str(passwd)], check=True, capture_output=True)
             passwd.chmod(0o600)
             lines += ["allow_anonymous false", f"password_file {passwd}"]
         else:

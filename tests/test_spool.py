@@ -8,7 +8,9 @@ import errno
 import logging
 import os
 import stat
+import struct
 import subprocess
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,6 +230,26 @@ def test_a_damaged_middle_segment_is_set_aside(
     assert (d / "commit").read_text() == "240\n"
 
 
+def test_a_damaged_record_in_the_last_segment_cuts_it_there(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=BIG)
+    fill(s, 10)
+    s.flush()
+    size_10 = s.bytes
+    fill(s, 10, start=10)
+    s.close()
+    corrupt_byte(d / segments(d)[0], size_10 + 30)  # a power cut: a page never written
+    s = Spool.open(d, max_bytes=BIG)
+    got = s.read(100)
+    assert len(got) == 10
+    assert payloads(got) == [b"m%06d" % i for i in range(len(got))]
+    assert s.corrupt == 0
+    assert "cut off" in caplog.text
+    s.close()
+
+
 def test_garbage_and_a_damaged_commit_file_do_not_stop_the_start(tmp_path: Path) -> None:
     d = tmp_path / "spool"
     d.mkdir(mode=0o700)
@@ -236,8 +258,10 @@ def test_garbage_and_a_damaged_commit_file_do_not_stop_the_start(tmp_path: Path)
     (d / "notes.txt").write_text("left alone")
     s = Spool.open(d, max_bytes=BIG)
     assert s.messages == 0
+    assert s.corrupt == 1  # set aside, not cut to nothing
+    assert (d / (spoolfile.segment_name(0) + ".corrupt")).exists()
     fill(s, 2)
-    assert [r.id for r in s.read(5)] == [0, 1]
+    assert [r.id for r in s.read(5)] == [1, 2]
     s.close()
     assert (d / "notes.txt").exists()
 
@@ -369,3 +393,117 @@ def test_a_restart_with_waiting_messages_says_so(
     s.close()
     Spool.open(d, max_bytes=BIG).close()
     assert "4 messages" in caplog.text
+
+
+def test_a_record_bigger_than_a_read_chunk_comes_back_from_disk(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=BIG)
+    big = os.urandom(3 * 1024 * 1024 + 7)
+    s.append("a", b"small")
+    s.append("b", big)
+    s.append("c", b"after")
+    s.close()
+    s = Spool.open(d, max_bytes=BIG)
+    got = s.read(10)
+    assert [(r.topic, r.payload) for r in got] == [("a", b"small"), ("b", big), ("c", b"after")]
+    s.close()
+
+
+def test_a_failing_sync_is_counted_and_logged_once_per_episode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    s = Spool.open(tmp_path / "spool", max_bytes=BIG)
+    real = os.fdatasync
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    async def syncs(n: int) -> None:
+        for _ in range(n):
+            fill(s, 2)
+            s.flush()
+            await s.sync()
+
+    monkeypatch.setattr(os, "fdatasync", failing)
+    asyncio.run(syncs(3))
+    assert s.write_errors == 3
+    assert caplog.text.count("cannot sync (input/output error)") == 1
+    monkeypatch.setattr(os, "fdatasync", real)
+    asyncio.run(syncs(2))
+    assert s.write_errors == 3
+    assert caplog.text.count("syncing works again") == 1
+    s.close()
+
+
+def test_segments_acked_before_a_crash_are_deleted_at_open(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=BIG, segment_bytes=200)
+    for k in range(5):
+        fill(s, 5, start=5 * k)
+        s.flush()
+    s.close()
+    assert len(segments(d)) == 5
+    (d / "commit").write_text("12\n")  # committed, but killed before the segments went
+    s = Spool.open(d, max_bytes=BIG, segment_bytes=200)
+    assert len(segments(d)) == 3
+    assert s.messages == 13
+    assert [r.id for r in s.read(100)] == list(range(12, 25))
+    s.close()
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda rec: b"\xff\xff\xff\x7f" + rec[4:], "bad record length"),
+        (lambda rec: rec[:-1], "cut short"),
+    ],
+)
+def test_scan_and_decode_name_the_damage(damage: object, problem: str) -> None:
+    good = spoolfile.encode(1, b"t", b"payload")
+    assert callable(damage)
+    bad = damage(good)
+    data = spoolfile.MAGIC + good + bad
+    s = spoolfile.scan(data, 1)
+    assert s.count == 1
+    assert s.good_end == len(spoolfile.MAGIC) + len(good)
+    assert s.problem is not None and problem in s.problem
+    got = spoolfile.decode(data, s.good_end)
+    assert isinstance(got, str)
+
+
+def test_scan_refuses_ids_out_of_order_and_bad_topic_lengths() -> None:
+    a, b = spoolfile.encode(5, b"t", b"x"), spoolfile.encode(5, b"t", b"y")
+    s = spoolfile.scan(spoolfile.MAGIC + a + b, 5)
+    at = len(spoolfile.MAGIC) + len(a)
+    assert (s.count, s.problem) == (1, f"record id 5 out of order at offset {at}")
+    body = struct.pack("<QH", 6, 500) + b"t"
+    bad = struct.pack("<II", len(body), zlib.crc32(body)) + body
+    s = spoolfile.scan(spoolfile.MAGIC + a + bad, 5)
+    assert s.count == 1
+    assert s.problem is not None and "bad topic length 500" in s.problem
+    assert spoolfile.decode(bad, 0) == "bad topic length 500"
+    assert spoolfile.scan(b"RDSP", 0).torn
+    assert spoolfile.scan(b"JUNK", 0).problem == "not a spool segment"
+
+
+def test_dropping_segments_forgets_their_out_of_order_acks(tmp_path: Path) -> None:
+    d = tmp_path / "spool"
+    s = Spool.open(d, max_bytes=16 * 1024, segment_bytes=2048)
+    fill(s, 50)
+    s.flush()
+    s.read(50)
+    for i in (3, 7, 40):  # out of order: 0 is still in flight
+        s.ack(i)
+    assert s.messages == 47
+    for k in range(1, 40):
+        fill(s, 50, start=50 * k)
+        s.flush()
+    assert s.dropped > 50
+    assert s.messages + s.dropped + 3 == 2000
+    s.ack(3)  # an ack for a dropped record is no-op
+    assert s.messages + s.dropped + 3 == 2000
+    s.rewind()
+    got = s.read(10_000)
+    assert len(got) == s.messages
+    assert payloads(got) == [b"m%06d" % i for i in range(2000 - len(got), 2000)]
+    s.close()
