@@ -74,6 +74,16 @@ bench-scale-profile: bench-deps
 	$(BENCH_PY) -m bench.run --repeat 1 --relays relayd --scenarios fanout1000,fanout5000 \
 	  --profile bench/results/profile-scale $(BENCH_ARGS)
 
+# MQTT uplink (issue 15): publish rate at QoS 0/1 to a local Mosquitto, fanout50
+# with the uplink on vs off, spool write and replay rates; rewrites the
+# "MQTT uplink" section of bench/RESULTS.md (`BENCH_MQTT_ARGS=--quick`: ~1 min).
+BENCH_MQTT_ARGS ?=
+.PHONY: bench-mqtt
+bench-mqtt: bench-deps
+	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \
+	  echo "make bench-mqtt: needs mosquitto and mosquitto_sub (apt install mosquitto mosquitto-clients)" >&2; exit 1; }
+	$(BENCH_PY) -m bench.mqtt --markdown bench/RESULTS.md $(BENCH_MQTT_ARGS)
+
 # Issue 15: the MQTT disk spool's write, replay and live rates (bench/spool.py; ~1 min).
 #   make bench-spool BENCH_SPOOL_ARGS='--messages 100000'    # shorter
 BENCH_SPOOL_ARGS ?=

@@ -427,8 +427,12 @@ def relayd_config(
     tls: Tls | None = None,
     auth: str | None = None,
     history: int | None = 1000,
+    extra: str = "",
 ) -> None:
-    """relayd's config; ``history=None``: a relayd before v2 (relayd-v1), no v2 keys."""
+    """relayd's config; ``history=None``: a relayd before v2 (relayd-v1), no v2 keys.
+
+    ``extra``: more tables, appended (bench/mqtt.py's [mqtt]).
+    """
     tls_lines = f'tls_cert = "{tls.cert}"\ntls_key = "{tls.key}"\n' if tls else ""
     auth_lines = f'[auth]\nmode = "{auth}"\n\n' if auth else ""
     v2 = history is not None
@@ -457,7 +461,7 @@ port = {tcp_port}
 host = "{HOST}"
 framing = "lines"
 max_connections = 5000
-{downlink_line}{commands}"""
+{downlink_line}{commands}{extra}"""
     )
 
 
@@ -470,12 +474,13 @@ def relay_command(
     exe: Path | None = None,
     tls: Tls | None = None,
     auth: str | None = None,
+    extra: str = "",
 ) -> list[str]:
     if exe is not None:  # a relayd (this checkout's, or another's)
         cfg = workdir / "relayd.toml"
         # relayd-v1 predates the v2 keys; relayd-h0 measures relayd without history.
         history = None if name == RELAYD_V1 and not V1_IS_V2 else 0 if name == RELAYD_H0 else 1000
-        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history)
+        relayd_config(cfg, ws_port, tcp_port, P.drain_timeout, tls, auth, history, extra)
         return [
             str(exe),
             "--config",
@@ -520,7 +525,9 @@ class RelayProcess:
         exe: Path | None = None,
         tls: Tls | None = None,
         auth: str | None = None,
+        extra_config: str = "",
     ) -> None:
+        self.extra_config = extra_config  # relayd only: appended to its config
         self.name, self.core, self.gen_core, self.workdir, self.P = name, core, gen_core, workdir, P
         self.exe, self.tls, self.auth = exe, tls, auth
         self.log = workdir / f"{name}.log"
@@ -533,7 +540,15 @@ class RelayProcess:
             cmd, extra_env = nodered.command(self.workdir, HOST, ws_port, tcp_port)
         else:
             cmd = relay_command(
-                self.name, self.workdir, ws_port, tcp_port, self.P, self.exe, self.tls, self.auth
+                self.name,
+                self.workdir,
+                ws_port,
+                tcp_port,
+                self.P,
+                self.exe,
+                self.tls,
+                self.auth,
+                self.extra_config,
             )
         if self.core is not None:
             cmd = ["taskset", "-c", str(self.core), *cmd]

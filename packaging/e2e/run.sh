@@ -545,6 +545,120 @@ serial_dropin_removed() {
 	serial_wait 18201 '^connecting\|.+' && serial_wait 18202 '^connecting\|.+'
 }
 
+# --- MQTT uplink: relayd -> Mosquitto inside the machine (issue 15) -----------
+# The packaged unit, unchanged, with an [mqtt] section appended to
+# /etc/relayd/relayd.toml; Debian's mosquitto and mosquitto-clients in the
+# machine; mosquitto_sub there sees what a device sent. The original config
+# is restored by mqtt_off.
+
+mqtt_recommends() {
+	# python3-paho-mqtt is a Recommends: of relayd, so apt installed it.
+	local recommends
+	recommends=$(in_ct dpkg-query -W -f='${Recommends}' relayd)
+	echo "relayd Recommends: $recommends"
+	grep -q 'python3-paho-mqtt' <<<"$recommends" || { echo "python3-paho-mqtt is not a Recommends"; return 1; }
+	in_ct dpkg-query -W python3-paho-mqtt
+}
+
+mqtt_broker() {
+	exec 8>"$archives/.lock" # one apt at a time (see install_deb)
+	flock 8
+	in_ct_hostnet apt-get -o Acquire::Retries=3 install -y -q mosquitto mosquitto-clients | grep -E '^Setting up mosquitto' || true
+	exec 8>&-
+	in_ct dpkg-query -W mosquitto mosquitto-clients
+	# Loopback only, anonymous; persistence (Debian's default) keeps a QoS 1
+	# session across a broker restart, which mqtt_outage relies on.
+	in_ct sh -c 'printf "listener 1883 127.0.0.1\nallow_anonymous true\n" > /etc/mosquitto/conf.d/relayd-e2e.conf'
+	in_ct timeout 30 systemctl restart mosquitto
+	in_ct systemctl is-active mosquitto
+}
+
+# mqtt_state: "state spooled" of relayctl status --json's "mqtt".
+mqtt_state() {
+	in_ct relayctl status --json | in_ct python3 -c \
+		'import json, sys; m = json.load(sys.stdin)["mqtt"]; print(m["state"], m["spooled"])'
+}
+
+# mqtt_wait STATE: wait up to 15 s for relayctl status --json to say STATE.
+mqtt_wait() {
+	local state=
+	for _ in $(seq 75); do
+		state=$(mqtt_state 2>/dev/null) || true
+		[ "${state%% *}" = "$1" ] && { echo "mqtt: $state"; return 0; }
+		sleep 0.2
+	done
+	echo "mqtt: '$state' after 15 s, expected $1"
+	return 1
+}
+
+# mqtt_hostname: {hostname} of the topic, the short host name.
+mqtt_hostname() { in_ct python3 -c 'import socket; print(socket.gethostname().split(".")[0])'; }
+
+mqtt_on() {
+	in_ct cp /etc/relayd/relayd.toml /run/relayd-e2e-relayd.toml
+	in_ct sh -c 'printf "\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"relayd-{hostname}\"\ntopic = \"relayd/{hostname}/{port}\"\nqos = 1\n" >> /etc/relayd/relayd.toml'
+	in_ct relayd --check-config --config /etc/relayd/relayd.toml
+	in_ct timeout 60 systemctl restart relayd
+	mqtt_wait connected
+	in_ct relayctl status
+	in_ct relayctl status | grep -i mqtt | grep -qw connected || { echo "relayctl status does not show mqtt connected"; return 1; }
+}
+
+# mqtt_sub_ready OUT: wait until the mosquitto_sub writing OUT has its SUBACK.
+mqtt_sub_ready() {
+	for _ in $(seq 100); do
+		grep -q 'received SUBACK' "$1" && return 0
+		sleep 0.1
+	done
+	cat "$1"
+	return 1
+}
+
+mqtt_publish() {
+	local host out=$work/mqtt-sub.out rc=0
+	host=$(mqtt_hostname)
+	in_ct stdbuf -oL mosquitto_sub -d -q 1 -t 'relayd/+/+' -C 1 -W 15 -F 'MSG %t %p' >"$out" 2>&1 &
+	local sub_pid=$!
+	mqtt_sub_ready "$out" || { kill "$sub_pid" 2>/dev/null; return 1; }
+	in_ct bash -c 'printf "hello broker\n" >/dev/tcp/127.0.0.1/8001'
+	wait "$sub_pid" || rc=$?
+	grep '^MSG ' "$out" || { cat "$out"; return 1; }
+	[ "$rc" = 0 ] && grep -qx "MSG relayd/$host/8001 hello broker" "$out"
+}
+
+mqtt_outage() {
+	# The broker stops; a line read meanwhile is spooled under
+	# /var/lib/relayd/spool (writable under the unit's ProtectSystem=strict)
+	# and published once the broker is back. A persistent QoS 1 session
+	# (-c -i) receives it even though it was offline too.
+	local host out=$work/mqtt-outage.out rc=0
+	host=$(mqtt_hostname)
+	in_ct mosquitto_sub -c -i relayd-e2e-sub -q 1 -t 'relayd/+/8002' -E # register the session
+	in_ct timeout 30 systemctl stop mosquitto
+	mqtt_wait connecting
+	in_ct bash -c 'printf "while the broker was away\n" >/dev/tcp/127.0.0.1/8002'
+	local state=
+	for _ in $(seq 50); do
+		state=$(mqtt_state) || true
+		[ "${state#* }" -ge 1 ] 2>/dev/null && break
+		sleep 0.2
+	done
+	echo "broker stopped: mqtt $state"
+	[ "${state#* }" -ge 1 ] 2>/dev/null || { echo "nothing spooled"; return 1; }
+	in_ct ls -la /var/lib/relayd/spool
+	in_ct timeout 30 systemctl start mosquitto
+	mqtt_wait connected
+	in_ct stdbuf -oL mosquitto_sub -c -i relayd-e2e-sub -q 1 -t 'relayd/+/8002' -C 1 -W 15 -F 'MSG %t %p' >"$out" 2>&1 || rc=$?
+	cat "$out"
+	[ "$rc" = 0 ] && grep -qx "MSG relayd/$host/8002 while the broker was away" "$out"
+}
+
+mqtt_off() {
+	in_ct cp /run/relayd-e2e-relayd.toml /etc/relayd/relayd.toml
+	in_ct timeout 60 systemctl restart relayd
+	in_ct relayctl status
+}
+
 log "testing $deb in $root"
 start_container || true
 require "boot Debian 13 under systemd-nspawn" booted
@@ -575,6 +689,16 @@ check "serial: relayd(8)'s drop-in, then both serial ports are connected" serial
 check "serial: a line written on each pty reaches a WebSocket client" serial_relays
 check "serial: drop-in removed, the ports wait again with a reason" serial_dropin_removed
 check "systemd-analyze security relayd (live) <= 2.0" security_live
+if run_check "MQTT: python3-paho-mqtt installed as a Recommends" mqtt_recommends &&
+	run_check "MQTT: apt-get install mosquitto mosquitto-clients in the machine" mqtt_broker &&
+	run_check "MQTT: [mqtt] in relayd.toml, restart, relayctl status shows mqtt connected" mqtt_on; then
+	check "MQTT: device line -> relayd -> Mosquitto -> mosquitto_sub" mqtt_publish
+	check "MQTT: broker stopped: the line is spooled, published when it is back" mqtt_outage
+	check "MQTT: relayd.toml restored without [mqtt]" mqtt_off
+else
+	log "MQTT: the remaining MQTT checks are skipped"
+	in_ct test ! -e /run/relayd-e2e-relayd.toml || mqtt_off >/dev/null 2>&1 || true
+fi
 check "systemctl stop drains: Result=success within 8 s" stop_drains
 check "no Python traceback in the journal" no_traceback_in_journal
 check "no token in the journal" no_token_in_journal
