@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test test-floor lint typecheck pytest coverage clean
+.PHONY: run test test-floor test-thorough lint typecheck pytest coverage clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
@@ -29,8 +29,23 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy relayd
 
+# The suite runs on PYTEST_JOBS workers (pytest-xdist; 0 = in this process, serially).
+# Tests marked xdist_group("heavy") (floods, kills, timed stops) all go to one worker,
+# so that they never overlap each other. RELAYD_TEST_TIMEOUT_SCALE=3 widens every
+# bounded wait on a loaded host; RELAYD_TEST_THOROUGH=1 (`make test-thorough`) runs
+# the property tests with their full example counts.
+PYTEST_JOBS ?= 2
+ifeq ($(PYTEST_JOBS),0)
+XDIST :=
+else
+XDIST := -n $(PYTEST_JOBS) --dist loadgroup
+endif
+
 pytest: $(STAMP)
-	PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
+
+test-thorough: $(STAMP)
+	RELAYD_TEST_THOROUGH=1 PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 test: lint typecheck pytest
 
@@ -47,7 +62,7 @@ $(FLOOR_VENV)/.installed-stamp: pyproject.toml tests/constraints/debian13.txt $(
 	@touch $@
 
 test-floor: $(FLOOR_VENV)/.installed-stamp
-	PYTHONASYNCIODEBUG=1 $(FLOOR_VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+	PYTHONASYNCIODEBUG=1 $(FLOOR_VENV)/bin/pytest -p no:cacheprovider $(XDIST) $(PYTEST_ARGS)
 
 clean: deb-clean
 	rm -rf $(VENV) $(FLOOR_VENV) .relayd .pytest_cache .mypy_cache .ruff_cache

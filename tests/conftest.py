@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers import MS as MS
 from tests.helpers import Daemon as Daemon
 from tests.helpers import DaemonProcess as DaemonProcess
 from tests.helpers import NotifySocket as NotifySocket
 from tests.helpers import config_text as config_text
+from tests.helpers import examples
 from tests.helpers import free_port as free_port
 from tests.helpers import log_file as log_file
 from tests.helpers import relayd_command as relayd_command
@@ -24,6 +26,11 @@ from tests.helpers import send_device as send_device
 from tests.helpers import spawn_daemon as spawn_daemon
 from tests.helpers import wait_until as wait_until
 from tests.helpers import write_config as write_config
+
+# Property tests without settings of their own: 25 examples in `make test`, hypothesis'
+# 100 with RELAYD_TEST_THOROUGH=1. No per-example deadline: the suite shares its cores.
+settings.register_profile("relayd", max_examples=examples(100), deadline=None)
+settings.load_profile("relayd")
 
 
 @pytest.fixture(scope="module")

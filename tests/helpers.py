@@ -32,6 +32,16 @@ from relayd.errors import ListenerNotFound
 # Every wait in the tests is bounded by k * MS; slow machines raise the scale.
 MS = float(os.environ.get("RELAYD_TEST_TIMEOUT_SCALE", "1")) / 1000
 
+# `make test` runs the property tests with a quarter of their examples (at least 10);
+# RELAYD_TEST_THOROUGH=1 (`make test-thorough`) runs all of them.
+THOROUGH = os.environ.get("RELAYD_TEST_THOROUGH", "") not in ("", "0")
+
+
+def examples(n: int) -> int:
+    """Hypothesis ``max_examples`` for a property test that runs ``n`` when thorough."""
+    return n if THOROUGH else max(10, n // 4)
+
+
 T = TypeVar("T")
 
 # --- loopback ports ---------------------------------------------------------------

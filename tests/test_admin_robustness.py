@@ -203,6 +203,7 @@ async def run_storm(
 STORM = int(os.environ.get("RELAYD_TEST_STORM", "60"))
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_storms_of_changes_leave_api_sockets_and_state_in_agreement(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
@@ -440,6 +441,7 @@ async def listed_ports(sock: Path) -> dict[int, str]:
 KILLS = int(os.environ.get("RELAYD_TEST_KILLS", "3"))
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_kill_9_during_admin_changes_keeps_the_last_acknowledged_state(
     tmp_path: Path,
 ) -> None:

@@ -21,6 +21,7 @@ from tests.helpers import (
     accepts,
     busy_port,
     config_port,
+    examples,
     free_port,
     recv,
     run_daemon,
@@ -309,9 +310,10 @@ bodies = (
 )
 
 
-# More in `make soak-timing`: RELAYD_TEST_FUZZ_EXAMPLES=1000.
+# 25 in `make test`, 100 with RELAYD_TEST_THOROUGH=1, more in `make soak-timing`:
+# RELAYD_TEST_FUZZ_EXAMPLES=1000.
 @settings(
-    max_examples=int(os.environ.get("RELAYD_TEST_FUZZ_EXAMPLES", "100")),
+    max_examples=int(os.environ.get("RELAYD_TEST_FUZZ_EXAMPLES", str(examples(100)))),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )

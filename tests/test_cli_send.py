@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relayd import cli_send
+from tests.helpers import examples
 from tests.test_cli import RELAYCTL, TIMEOUT, FakeRelayd, FakeState, invoke, mock
 
 pytestmark = pytest.mark.filterwarnings("ignore:unclosed <socket.socket:ResourceWarning")
@@ -77,7 +78,7 @@ def test_a_text_argument_that_is_not_utf8_goes_as_its_bytes() -> None:
     assert sent(state) == b"\xff\x00T"
 
 
-@settings(max_examples=50, deadline=None)  # CliRunner runs are slow on a shared machine
+@settings(max_examples=examples(50), deadline=None)  # CliRunner runs are slow on a shared machine
 @given(data=st.binary(min_size=1, max_size=300))
 def test_a_file_arrives_byte_for_byte(
     tmp_path_factory: pytest.TempPathFactory, data: bytes

@@ -298,6 +298,7 @@ def masked_text(payload: bytes) -> bytes:
     return bytes((0x81, 0x80 | len(payload))) + b"\0\0\0\0" + payload
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_a_client_that_sends_but_never_reads_is_not_buffered_without_bound(
     tmp_path: Path, notify: NotifySocket
 ) -> None:

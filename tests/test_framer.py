@@ -25,6 +25,7 @@ from relayd.framing import (
     make_framer,
 )
 from relayd.listeners import DeviceConnection, Listener, ListenerEnv
+from tests.helpers import examples
 from tests.test_framing import FakeTransport, RecordingHub, split
 
 PREFIXES: list[LengthPrefix] = ["u8", "u16be", "u16le", "u32be", "u32le"]
@@ -107,7 +108,7 @@ def test_lines_text_flag_only_for_ascii() -> None:
     assert not framer.text
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(data=streams, cuts=cuts, max_message=st.integers(min_value=1, max_value=64))
 def test_lines_any_read_split_gives_the_reference_messages(
     data: bytes, cuts: list[int], max_message: int
@@ -119,7 +120,7 @@ def test_lines_any_read_split_gives_the_reference_messages(
     assert all(0 < len(m) <= max_message for m in expected)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=examples(100), deadline=None)
 @given(text=st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=80), cuts=cuts)
 def test_lines_pieces_of_text_are_text(text: str, cuts: list[int]) -> None:
     messages, _ = run(LinesFramer(4), split(text.encode(), cuts))
@@ -165,7 +166,7 @@ def test_raw_long_read_is_cut() -> None:
     assert messages == [b"abc", b"def", b"g"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(data=streams, cuts=cuts, max_message=st.integers(min_value=4, max_value=64))
 def test_raw_any_read_split_relays_every_byte_in_order(
     data: bytes, cuts: list[int], max_message: int
@@ -224,7 +225,7 @@ def test_delimiter_held_back_bytes_may_start_the_delimiter() -> None:
     assert framer.close() == []
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     data=streams,
     cuts=cuts,
@@ -306,7 +307,7 @@ def test_length_large_frame_in_small_reads() -> None:
     assert framer.buffered == 0
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     prefix=st.sampled_from(PREFIXES),
     payloads=st.lists(st.binary(max_size=80), max_size=12),
@@ -369,7 +370,7 @@ def test_fixed_frame_over_max_message_is_cut() -> None:
     assert run(FixedFramer(5, 2), [b"abcde"]) == ([b"ab", b"cd", b"e"], None)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     data=st.binary(max_size=200),
     cuts=cuts,

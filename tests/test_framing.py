@@ -14,6 +14,7 @@ from relayd.config import PortSettings
 from relayd.framing import _cut
 from relayd.hub import Source
 from relayd.listeners import DeviceConnection, Listener, ListenerEnv
+from tests.helpers import examples
 
 
 class RecordingHub:
@@ -110,7 +111,7 @@ def test_cut_keeps_utf8_characters_whole() -> None:
     assert all(p.decode() for p in pieces)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     data=st.binary(max_size=300)
     | st.text(alphabet="ab\r\n€ä", max_size=120).map(lambda s: s.encode()),
@@ -125,7 +126,7 @@ def test_lines_any_read_split_gives_the_same_messages(
     assert all(0 < len(m) <= max_message for m in whole)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     text=st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=80),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),
@@ -137,7 +138,7 @@ def test_lines_match_the_reference_split(text: str, cuts: list[int]) -> None:
     assert feed(split(data, cuts)) == expected
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(
     text=st.text(max_size=60),
     cuts=st.lists(st.integers(min_value=0, max_value=400), max_size=8),

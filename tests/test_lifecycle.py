@@ -227,6 +227,7 @@ def test_the_stop_budget_is_drain_timeout_plus_three_seconds() -> None:
     assert budget.left() == 0.0
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_a_stop_with_everything_stuck_exits_within_the_budget(
     tmp_path: Path, notify: NotifySocket
 ) -> None:

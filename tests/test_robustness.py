@@ -169,6 +169,7 @@ class Talker:
 # 1. Garbage from devices
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 @pytest.mark.parametrize("framing", ["lines", "raw"])
 async def test_garbage_from_many_devices_is_relayed_byte_exact(
     tmp_path: Path, notify: NotifySocket, framing: str
@@ -248,6 +249,7 @@ async def test_device_sending_one_byte_at_a_time(tmp_path: Path, notify: NotifyS
             assert listener.bytes_received == len(payload) + len(b"fast\n")
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_endless_line_keeps_memory_bounded(tmp_path: Path, notify: NotifySocket) -> None:
     """A stream without a newline: pieces of max_message, the daemon's peak RSS stays flat."""
     size = int(LONG_STREAM_MB * 2**20) // MAX_MESSAGE * MAX_MESSAGE
@@ -643,6 +645,7 @@ def assert_flood_figures(refused: list[float], latencies: list[float], *, timed:
         assert p99(latencies) < 0.100
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 @pytest.mark.parametrize("timed", TIMED)
 async def test_connection_flood_is_refused_while_devices_keep_flowing(
     tmp_path: Path, notify: NotifySocket, timed: bool
@@ -705,6 +708,7 @@ async def test_connection_flood_is_refused_while_devices_keep_flowing(
     assert_flood_figures(refused, latencies, timed=timed)
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 @pytest.mark.parametrize("timed", TIMED)
 async def test_websocket_flood_over_max_clients_is_refused_with_1013(
     tmp_path: Path, notify: NotifySocket, timed: bool
@@ -759,6 +763,7 @@ async def test_websocket_flood_over_max_clients_is_refused_with_1013(
 # 4. Resource exhaustion
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 @pytest.mark.parametrize("timed", TIMED)
 async def test_out_of_file_descriptors_backs_off_logs_once_and_recovers(
     tmp_path: Path, notify: NotifySocket, timed: bool

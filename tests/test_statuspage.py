@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from html.parser import HTMLParser
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -201,7 +202,10 @@ def cell(port: int, column: str) -> str:
     return f"document.querySelector('#ports-body tr[data-port=\"{port}\"] .{column}')"
 
 
-browser_test = pytest.mark.timeout(900)  # the first one may install chromium
+def browser_test(test: Callable[..., Any]) -> Callable[..., Any]:
+    """The first one may install chromium; all of them share one worker's browser."""
+    marked: Callable[..., Any] = pytest.mark.xdist_group("browser")(pytest.mark.timeout(900)(test))
+    return marked
 
 
 @browser_test

@@ -97,6 +97,7 @@ async def test_wss_and_https_on_http(
         await wait_until(lambda: d.runtime.http_rejected["tls"] == 1)
 
 
+@pytest.mark.xdist_group("heavy")  # a flood or a timed wait: one at a time
 async def test_handshakes_that_never_finish_are_closed_and_counted(
     tmp_path: Path, notify: NotifySocket, pki: dict[str, object]
 ) -> None:

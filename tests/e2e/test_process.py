@@ -169,6 +169,7 @@ async def test_port_in_use_exits_1_without_ready(tmp_path: Path, notify: NotifyS
         await notify.wait_for("READY=1", timeout=0.2)
 
 
+@pytest.mark.xdist_group("heavy")  # a timed stop: not beside a flood
 async def test_sigterm_drains_every_line_and_closes_1001(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
