@@ -101,11 +101,15 @@ def test_idle_daemon_loads_the_admin_api_and_metrics_on_first_use(tmp_path: Path
     assert (report["metrics"], report["after_metrics"]) == ("200", ["fastapi", "prometheus_client"])
 
 
+# typer itself imports rich on some versions (Debian 13's 0.15): that one is typer's, not ours.
 RELAYCTL = """
 import json, sys
+import typer
+HEAVY = ("httpx", "websockets", "rich", "fastapi")
+typers = {m for m in HEAVY if m in sys.modules}
 from relayd.cli import main
 code = main(sys.argv[1:])
-heavy = sorted(m for m in ("httpx", "websockets", "rich", "fastapi") if m in sys.modules)
+heavy = sorted(m for m in HEAVY if m in sys.modules and m not in typers)
 sys.stdout.write(json.dumps({"code": code, "heavy": heavy}) + "\\n")
 """
 
