@@ -1,15 +1,20 @@
-"""The installed ``relayctl`` as a subprocess against the real relayd over its real socket.
+"""relayctl against the real relayd over its real socket.
 
 tests/test_cli.py checks relayctl's output against a fake daemon; here every
-command and every exit code of relayctl(1) is checked end to end: the console
-script, the admin API on the Unix socket (or on the HTTP port with a token),
-and the WebSocket that ``tail`` subscribes to.
+command and every exit code of relayctl(1) is checked end to end: the admin API
+on the Unix socket (or on the HTTP port with a token), and the WebSocket that
+``tail`` subscribes to. Most commands run relayctl's app in this process
+(``ctl``, ``inproc``: a thread, so that the in-process relayd keeps serving);
+what needs the installed console script as a process of its own runs it so
+(``relayctl``): usage errors and ``--version``, Ctrl-C and SIGTERM during
+``tail``, a pipe on stdin, a socket's file mode applying to another user.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -23,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from relayd import __version__
+from relayd import __version__, cli
 from tests.helpers import (
     MS,
     Daemon,
@@ -108,9 +114,34 @@ async def relayctl(
     return await finish(await start(*args, env=env, prefix=prefix))
 
 
+def invoke(args: Sequence[str], env: dict[str, str] | None) -> Result:
+    kwargs: dict[str, Any] = {}
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        kwargs["mix_stderr"] = False  # click 8.1 (typer 0.15); later ones keep them apart
+    # The operator's environment as ctl_env() makes it: no RELAYCTL_* from outside.
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("RELAYCTL_")}
+    run = CliRunner(**kwargs).invoke(
+        cli.app, list(args), env={**unset, "NO_COLOR": "1", **(env or {})}, prog_name="relayctl"
+    )
+    if run.exception is not None and not isinstance(run.exception, SystemExit):
+        raise run.exception
+    result = Result(run.exit_code, run.stdout, run.stderr)
+    no_traceback(result.err)
+    return result
+
+
+async def inproc(*args: str, env: dict[str, str] | None = None) -> Result:
+    """relayctl's app in this process, in a thread: the in-process relayd keeps serving.
+
+    CliRunner swaps sys.stdout and os.environ while it runs: await one at a time.
+    """
+    async with asyncio.timeout(RUN_TIMEOUT):
+        return await asyncio.to_thread(invoke, args, env)
+
+
 async def ctl(d: Daemon, *args: str) -> Result:
-    """relayctl against ``d``'s admin socket."""
-    return await relayctl("--socket", str(d.admin_socket), *args)
+    """relayctl (in process) against ``d``'s admin socket."""
+    return await inproc("--socket", str(d.admin_socket), *args)
 
 
 def refused(result: Result, detail: str) -> None:
@@ -156,16 +187,16 @@ async def relayd(tmp_path: Path, notify: NotifySocket, **kwargs: Any) -> AsyncIt
 async def test_status_list_and_show(tmp_path: Path, notify: NotifySocket) -> None:
     async with relayd(tmp_path, notify) as d:
         a, b = sorted(d.ports)
-        results = await asyncio.gather(
-            ctl(d, "status"),
-            ctl(d, "status", "--json"),
-            ctl(d, "ports", "list"),
-            ctl(d, "ports", "list", "--json"),
-            ctl(d, "ports", "show", str(a)),
-            ctl(d, "ports", "show", "1"),
-            relayctl("ports", "list", env={"RELAYCTL_SOCKET": str(d.admin_socket)}),
-            relayctl("--url", d.url, "status"),  # the HTTP port without admin.token_file
-        )
+        results = [
+            await ctl(d, "status"),
+            await ctl(d, "status", "--json"),
+            await ctl(d, "ports", "list"),
+            await ctl(d, "ports", "list", "--json"),
+            await ctl(d, "ports", "show", str(a)),
+            await ctl(d, "ports", "show", "1"),
+            await inproc("ports", "list", env={"RELAYCTL_SOCKET": str(d.admin_socket)}),
+            await inproc("--url", d.url, "status"),  # the HTTP port without admin.token_file
+        ]
         status, status_json, listed, listed_json, shown, unknown, from_env, no_admin = results
 
         assert (status.code, status.err) == (0, ""), status
@@ -234,10 +265,8 @@ async def test_add_and_remove_ports(tmp_path: Path, notify: NotifySocket) -> Non
         assert got["source"] == "runtime" and got["host"] == "127.0.0.1"
 
         with busy_port() as busy:
-            again, in_use = await asyncio.gather(
-                ctl(d, "ports", "add", str(port), "--host", "127.0.0.1"),
-                ctl(d, "ports", "add", str(busy), "--host", "127.0.0.1"),
-            )
+            again = await ctl(d, "ports", "add", str(port), "--host", "127.0.0.1")
+            in_use = await ctl(d, "ports", "add", str(busy), "--host", "127.0.0.1")
         refused(again, f"port {port} is already a listener")
         refused(in_use, f"port {busy}: address already in use")
         assert (await admin.get(f"/v1/ports/{busy}")).status_code == 404
@@ -271,12 +300,7 @@ async def test_remove_force_skips_the_drain(tmp_path: Path, notify: NotifySocket
         try:
             await wait_until(lambda: d.runtime.registry.tcp_connections == 1)
             # Without --force this would wait the full 60 s drain for the device.
-            removed = await finish(
-                await start(
-                    "--socket", str(d.admin_socket), "ports", "remove", str(port), "--force"
-                ),
-                timeout=20_000 * MS,
-            )
+            removed = await ctl(d, "ports", "remove", str(port), "--force")
         finally:
             device.close()
         assert removed.code == 0, removed
@@ -347,7 +371,7 @@ async def test_tail_prints_messages_until_ctrl_c_or_the_daemon_stops(
     async with relayd(tmp_path, notify) as d, d.admin() as admin:
         one, other = d.ports
         sock = ("--socket", str(d.admin_socket))
-        unknown = await relayctl(*sock, "tail", "--port", "1")  # relayd closes it with 1008
+        unknown = await inproc(*sock, "tail", "--port", "1")  # relayd closes it with 1008
         assert (unknown.code, unknown.out) == (1, ""), unknown
         assert unknown.err.startswith("relayctl: ") and unknown.err.count("\n") == 1
         assert "unknown port 1" in unknown.err
@@ -443,15 +467,13 @@ async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: Notif
     async with spawn_daemon(tmp_path, notify, nports=1, extra=extra) as d, notify.drained():
         url = d.url
         port = d.ports[0]
-        ok, listed, from_env, bad, missing = await asyncio.gather(
-            relayctl("--url", url, "--token", "s3cret", "status", "--json"),
-            relayctl("--url", url + "/", "--token", "s3cret", "ports", "list"),
-            relayctl(
-                "ports", "show", str(port), env={"RELAYCTL_URL": url, "RELAYCTL_TOKEN": "s3cret"}
-            ),
-            relayctl("--url", url, "--token", "nope", "status"),
-            relayctl("--url", url, "ports", "list"),
+        ok = await inproc("--url", url, "--token", "s3cret", "status", "--json")
+        listed = await inproc("--url", url + "/", "--token", "s3cret", "ports", "list")
+        from_env = await inproc(
+            "ports", "show", str(port), env={"RELAYCTL_URL": url, "RELAYCTL_TOKEN": "s3cret"}
         )
+        bad = await inproc("--url", url, "--token", "nope", "status")
+        missing = await inproc("--url", url, "ports", "list")
         assert (ok.code, ok.err) == (0, ""), ok
         assert json.loads(ok.out)["state"] == "ready"
         assert (listed.code, listed.err) == (0, ""), listed
@@ -462,7 +484,7 @@ async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: Notif
         refused(missing, "a valid bearer token is required")
 
         added_port = free_port()
-        added = await relayctl(
+        added = await inproc(
             "--url",
             url,
             "--token",
@@ -527,12 +549,12 @@ async def test_unreachable_daemon_exits_69_with_a_hint(tmp_path: Path) -> None:
     stale = tmp_path / "stale.sock"  # left behind by a relayd that died: nobody listens
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(stale))
-    results = await asyncio.gather(
-        relayctl("--socket", str(missing), "status"),
-        relayctl("--socket", str(missing), "tail"),
-        relayctl("--socket", str(stale), "ports", "add", "8004"),
-        relayctl("--url", f"http://127.0.0.1:{free_port()}", "--token", "t", "reload"),
-    )
+    results = [
+        await inproc("--socket", str(missing), "status"),
+        await inproc("--socket", str(missing), "tail"),
+        await inproc("--socket", str(stale), "ports", "add", "8004"),
+        await inproc("--url", f"http://127.0.0.1:{free_port()}", "--token", "t", "reload"),
+    ]
     for result in results:
         assert result.code == 69, result
         assert result.out == ""
