@@ -1259,7 +1259,7 @@ def test_tail_url_without_a_daemon_exits_69() -> None:
 
 
 # The console script end to end, one case per exit code and output kind (every command
-# runs installed against the real relayd in test_cli_daemon.py). Each case has a fake
+# runs against the real relayd in test_cli_daemon.py, mostly in process). Each case has a fake
 # of its own, and they run at once: a run is mostly the interpreter starting.
 INSTALLED_CASES: list[tuple[list[str], int, str, str]] = [
     (["status"], 0, "state            ready\n", ""),
