@@ -7,7 +7,7 @@ on the Unix socket (or on the HTTP port with a token), and the WebSocket that
 (``ctl``, ``inproc``: a thread, so that the in-process relayd keeps serving);
 what needs the installed console script as a process of its own runs it so
 (``relayctl``): usage errors and ``--version``, Ctrl-C and SIGTERM during
-``tail``, a pipe on stdin, a socket's file mode applying to another user.
+``tail``, a socket's file mode applying to relayctl run without root's privileges.
 """
 
 from __future__ import annotations
@@ -114,14 +114,18 @@ async def relayctl(
     return await finish(await start(*args, env=env, prefix=prefix))
 
 
-def invoke(args: Sequence[str], env: dict[str, str] | None) -> Result:
+def invoke(args: Sequence[str], env: dict[str, str] | None, stdin: bytes | None) -> Result:
     kwargs: dict[str, Any] = {}
     if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
         kwargs["mix_stderr"] = False  # click 8.1 (typer 0.15); later ones keep them apart
     # The operator's environment as ctl_env() makes it: no RELAYCTL_* from outside.
     unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("RELAYCTL_")}
     run = CliRunner(**kwargs).invoke(
-        cli.app, list(args), env={**unset, "NO_COLOR": "1", **(env or {})}, prog_name="relayctl"
+        cli.app,
+        list(args),
+        input=stdin,
+        env={**unset, "NO_COLOR": "1", **(env or {})},
+        prog_name="relayctl",
     )
     if run.exception is not None and not isinstance(run.exception, SystemExit):
         raise run.exception
@@ -130,18 +134,20 @@ def invoke(args: Sequence[str], env: dict[str, str] | None) -> Result:
     return result
 
 
-async def inproc(*args: str, env: dict[str, str] | None = None) -> Result:
+async def inproc(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> Result:
     """relayctl's app in this process, in a thread: the in-process relayd keeps serving.
 
     CliRunner swaps sys.stdout and os.environ while it runs: await one at a time.
     """
     async with asyncio.timeout(RUN_TIMEOUT):
-        return await asyncio.to_thread(invoke, args, env)
+        return await asyncio.to_thread(invoke, args, env, stdin)
 
 
-async def ctl(d: Daemon, *args: str) -> Result:
+async def ctl(d: Daemon, *args: str, stdin: bytes | None = None) -> Result:
     """relayctl (in process) against ``d``'s admin socket."""
-    return await inproc("--socket", str(d.admin_socket), *args)
+    return await inproc("--socket", str(d.admin_socket), *args, stdin=stdin)
 
 
 def refused(result: Result, detail: str) -> None:
@@ -430,17 +436,12 @@ async def test_send_reaches_the_devices(tmp_path: Path, notify: NotifySocket) ->
             assert one == Result(0, "sent to 1 device(s)\n", "")
             assert await read_exactly(r2, 5) == b"ZERO\n"
 
-            # Bytes that are not UTF-8, from a pipe, up to what a device may be sent
-            # (relay.max_message): they go as data_b64 and arrive unchanged.
+            # Bytes that are not UTF-8, on stdin, up to what a device may be sent
+            # (relay.max_message): they go as data_b64 and arrive unchanged. (A pipe into
+            # the installed relayctl: tests/test_cli_send.py.)
             blob = bytes(range(256)) * 255 + b"\n"
-            proc = await asyncio.create_subprocess_exec(
-                RELAYCTL, "--socket", str(d.admin_socket), "send", str(port), "--file", "-",
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=ctl_env(),
-            )  # fmt: skip
-            async with asyncio.timeout(RUN_TIMEOUT):
-                out, err = await proc.communicate(blob)
-            assert (proc.returncode, out, err) == (0, b"sent to 2 device(s)\n", b"")
+            piped = await ctl(d, "send", str(port), "--file", "-", stdin=blob)
+            assert piped == Result(0, "sent to 2 device(s)\n", "")
             for reader in (r1, r2):
                 assert await read_exactly(reader, len(blob)) == blob
 
