@@ -30,7 +30,8 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from relayd import __version__, cli
+from relayd import __version__, cli, daemon
+from relayd.config import Settings
 from tests.helpers import (
     MS,
     Daemon,
@@ -40,7 +41,6 @@ from tests.helpers import (
     free_port,
     run_daemon,
     send_device,
-    spawn_daemon,
     wait_status,
     wait_until,
 )
@@ -458,14 +458,20 @@ async def test_send_reaches_the_devices(tmp_path: Path, notify: NotifySocket) ->
             w2.close()
 
 
-# --- --url and --token, with admin.token_file set; SIGTERM during tail ----------------
+# --- --url and --token, with admin.token_file set; a stop during tail ----------------
+# (The stop as SIGTERM does it, in process: the signal itself reaches a relayd process in
+# tests/e2e/test_process.py, whose WebSocket clients get the same 1001.)
 
 
 async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: NotifySocket) -> None:
     token_file = tmp_path / "admin.token"
     token_file.write_text("s3cret\n")
     extra = f'[admin]\ntoken_file = "{token_file}"\n'
-    async with spawn_daemon(tmp_path, notify, nports=1, extra=extra) as d, notify.drained():
+    # What relayd's main() reads from admin.token_file (the trailing newline dropped).
+    (tmp_path / "token-only.toml").write_text(extra)
+    token = daemon.read_token(Settings.load(tmp_path / "token-only.toml"))
+    assert token == "s3cret"
+    async with relayd(tmp_path, notify, nports=1, extra=extra, admin_token=token) as d:
         url = d.url
         port = d.ports[0]
         ok = await inproc("--url", url, "--token", "s3cret", "status", "--json")
@@ -509,11 +515,10 @@ async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: Notif
             await send_device(added_port, b"via http\n")
             assert json.loads(await next_line(over_http))["data"] == "via http"
             assert await next_line(over_socket) == "via http"
-            d.signal(signal.SIGTERM)
+            assert await d.stop() == 0
             results = await asyncio.gather(
                 finish(over_http, timeout=10_000 * MS), finish(over_socket, timeout=10_000 * MS)
             )
-        assert await d.wait() in (0, -signal.SIGTERM)
         for gone in results:
             assert gone.code == 69, gone
             assert gone.err.startswith("relayctl: ") and gone.err.count("\n") == 1, gone
