@@ -521,10 +521,20 @@ def invoke(
     return result
 
 
+def operator_env() -> dict[str, str]:
+    """The environment minus RELAYCTL_* and PYTHONASYNCIODEBUG (`make pytest` sets it for
+    relayd; in relayctl its slow-callback warnings land on stderr on a loaded machine)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RELAYCTL_") and k != "PYTHONASYNCIODEBUG"
+    }
+
+
 def relayctl(
     *args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCTL_")}
+    clean = operator_env()
     return subprocess.run(
         [*prefix, str(RELAYCTL), *args],
         capture_output=True,
@@ -536,7 +546,7 @@ def relayctl(
 
 
 def relayctl_bg(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCTL_")}
+    clean = operator_env()
     return subprocess.Popen(
         [str(RELAYCTL), *args],
         stdout=subprocess.PIPE,
