@@ -1,15 +1,20 @@
-"""The installed ``relayctl`` as a subprocess against the real relayd over its real socket.
+"""relayctl against the real relayd over its real socket.
 
 tests/test_cli.py checks relayctl's output against a fake daemon; here every
-command and every exit code of relayctl(1) is checked end to end: the console
-script, the admin API on the Unix socket (or on the HTTP port with a token),
-and the WebSocket that ``tail`` subscribes to.
+command and every exit code of relayctl(1) is checked end to end: the admin API
+on the Unix socket (or on the HTTP port with a token), and the WebSocket that
+``tail`` subscribes to. Most commands run relayctl's app in this process
+(``ctl``, ``inproc``: a thread, so that the in-process relayd keeps serving);
+what needs the installed console script as a process of its own runs it so
+(``relayctl``): usage errors and ``--version``, Ctrl-C and SIGTERM during
+``tail``, a socket's file mode applying to relayctl run without root's privileges.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -23,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from relayd import __version__
+from relayd import __version__, cli, daemon
+from relayd.config import Settings
 from tests.helpers import (
     MS,
     Daemon,
@@ -34,7 +41,6 @@ from tests.helpers import (
     free_port,
     run_daemon,
     send_device,
-    spawn_daemon,
     wait_status,
     wait_until,
 )
@@ -108,9 +114,40 @@ async def relayctl(
     return await finish(await start(*args, env=env, prefix=prefix))
 
 
-async def ctl(d: Daemon, *args: str) -> Result:
-    """relayctl against ``d``'s admin socket."""
-    return await relayctl("--socket", str(d.admin_socket), *args)
+def invoke(args: Sequence[str], env: dict[str, str] | None, stdin: bytes | None) -> Result:
+    kwargs: dict[str, Any] = {}
+    if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+        kwargs["mix_stderr"] = False  # click 8.1 (typer 0.15); later ones keep them apart
+    # The operator's environment as ctl_env() makes it: no RELAYCTL_* from outside.
+    unset: dict[str, str | None] = {k: None for k in os.environ if k.startswith("RELAYCTL_")}
+    run = CliRunner(**kwargs).invoke(
+        cli.app,
+        list(args),
+        input=stdin,
+        env={**unset, "NO_COLOR": "1", **(env or {})},
+        prog_name="relayctl",
+    )
+    if run.exception is not None and not isinstance(run.exception, SystemExit):
+        raise run.exception
+    result = Result(run.exit_code, run.stdout, run.stderr)
+    no_traceback(result.err)
+    return result
+
+
+async def inproc(
+    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None
+) -> Result:
+    """relayctl's app in this process, in a thread: the in-process relayd keeps serving.
+
+    CliRunner swaps sys.stdout and os.environ while it runs: await one at a time.
+    """
+    async with asyncio.timeout(RUN_TIMEOUT):
+        return await asyncio.to_thread(invoke, args, env, stdin)
+
+
+async def ctl(d: Daemon, *args: str, stdin: bytes | None = None) -> Result:
+    """relayctl (in process) against ``d``'s admin socket."""
+    return await inproc("--socket", str(d.admin_socket), *args, stdin=stdin)
 
 
 def refused(result: Result, detail: str) -> None:
@@ -156,16 +193,16 @@ async def relayd(tmp_path: Path, notify: NotifySocket, **kwargs: Any) -> AsyncIt
 async def test_status_list_and_show(tmp_path: Path, notify: NotifySocket) -> None:
     async with relayd(tmp_path, notify) as d:
         a, b = sorted(d.ports)
-        results = await asyncio.gather(
-            ctl(d, "status"),
-            ctl(d, "status", "--json"),
-            ctl(d, "ports", "list"),
-            ctl(d, "ports", "list", "--json"),
-            ctl(d, "ports", "show", str(a)),
-            ctl(d, "ports", "show", "1"),
-            relayctl("ports", "list", env={"RELAYCTL_SOCKET": str(d.admin_socket)}),
-            relayctl("--url", d.url, "status"),  # the HTTP port without admin.token_file
-        )
+        results = [
+            await ctl(d, "status"),
+            await ctl(d, "status", "--json"),
+            await ctl(d, "ports", "list"),
+            await ctl(d, "ports", "list", "--json"),
+            await ctl(d, "ports", "show", str(a)),
+            await ctl(d, "ports", "show", "1"),
+            await inproc("ports", "list", env={"RELAYCTL_SOCKET": str(d.admin_socket)}),
+            await inproc("--url", d.url, "status"),  # the HTTP port without admin.token_file
+        ]
         status, status_json, listed, listed_json, shown, unknown, from_env, no_admin = results
 
         assert (status.code, status.err) == (0, ""), status
@@ -234,10 +271,8 @@ async def test_add_and_remove_ports(tmp_path: Path, notify: NotifySocket) -> Non
         assert got["source"] == "runtime" and got["host"] == "127.0.0.1"
 
         with busy_port() as busy:
-            again, in_use = await asyncio.gather(
-                ctl(d, "ports", "add", str(port), "--host", "127.0.0.1"),
-                ctl(d, "ports", "add", str(busy), "--host", "127.0.0.1"),
-            )
+            again = await ctl(d, "ports", "add", str(port), "--host", "127.0.0.1")
+            in_use = await ctl(d, "ports", "add", str(busy), "--host", "127.0.0.1")
         refused(again, f"port {port} is already a listener")
         refused(in_use, f"port {busy}: address already in use")
         assert (await admin.get(f"/v1/ports/{busy}")).status_code == 404
@@ -271,12 +306,7 @@ async def test_remove_force_skips_the_drain(tmp_path: Path, notify: NotifySocket
         try:
             await wait_until(lambda: d.runtime.registry.tcp_connections == 1)
             # Without --force this would wait the full 60 s drain for the device.
-            removed = await finish(
-                await start(
-                    "--socket", str(d.admin_socket), "ports", "remove", str(port), "--force"
-                ),
-                timeout=20_000 * MS,
-            )
+            removed = await ctl(d, "ports", "remove", str(port), "--force")
         finally:
             device.close()
         assert removed.code == 0, removed
@@ -292,11 +322,11 @@ async def test_port_out_of_range_is_a_usage_error_before_any_request(tmp_path: P
         sentinel.listen(16)
         sentinel.setblocking(False)
         where = ("--socket", str(tmp_path / "sentinel.sock"))
-        # One of each kind as an installed command; test_cli.py checks every usage error.
+        # One of each kind as an installed command; test_cli.py checks every usage error
+        # in process (tail's among them).
         version, *results = await asyncio.gather(
             relayctl(*where, "--version"),
             relayctl(*where, "ports", "add", "70000", "--name", "x"),
-            relayctl(*where, "tail", "--port", "0"),
             relayctl(*where),  # no command
         )
         assert version == Result(0, f"relayctl {__version__}\n", "")
@@ -347,7 +377,7 @@ async def test_tail_prints_messages_until_ctrl_c_or_the_daemon_stops(
     async with relayd(tmp_path, notify) as d, d.admin() as admin:
         one, other = d.ports
         sock = ("--socket", str(d.admin_socket))
-        unknown = await relayctl(*sock, "tail", "--port", "1")  # relayd closes it with 1008
+        unknown = await inproc(*sock, "tail", "--port", "1")  # relayd closes it with 1008
         assert (unknown.code, unknown.out) == (1, ""), unknown
         assert unknown.err.startswith("relayctl: ") and unknown.err.count("\n") == 1
         assert "unknown port 1" in unknown.err
@@ -406,17 +436,12 @@ async def test_send_reaches_the_devices(tmp_path: Path, notify: NotifySocket) ->
             assert one == Result(0, "sent to 1 device(s)\n", "")
             assert await read_exactly(r2, 5) == b"ZERO\n"
 
-            # Bytes that are not UTF-8, from a pipe, up to what a device may be sent
-            # (relay.max_message): they go as data_b64 and arrive unchanged.
+            # Bytes that are not UTF-8, on stdin, up to what a device may be sent
+            # (relay.max_message): they go as data_b64 and arrive unchanged. (A pipe into
+            # the installed relayctl: tests/test_cli_send.py.)
             blob = bytes(range(256)) * 255 + b"\n"
-            proc = await asyncio.create_subprocess_exec(
-                RELAYCTL, "--socket", str(d.admin_socket), "send", str(port), "--file", "-",
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                env=ctl_env(),
-            )  # fmt: skip
-            async with asyncio.timeout(RUN_TIMEOUT):
-                out, err = await proc.communicate(blob)
-            assert (proc.returncode, out, err) == (0, b"sent to 2 device(s)\n", b"")
+            piped = await ctl(d, "send", str(port), "--file", "-", stdin=blob)
+            assert piped == Result(0, "sent to 2 device(s)\n", "")
             for reader in (r1, r2):
                 assert await read_exactly(reader, len(blob)) == blob
 
@@ -433,25 +458,29 @@ async def test_send_reaches_the_devices(tmp_path: Path, notify: NotifySocket) ->
             w2.close()
 
 
-# --- --url and --token, with admin.token_file set; SIGTERM during tail ----------------
+# --- --url and --token, with admin.token_file set; a stop during tail ----------------
+# (The stop as SIGTERM does it, in process: the signal itself reaches a relayd process in
+# tests/e2e/test_process.py, whose WebSocket clients get the same 1001.)
 
 
 async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: NotifySocket) -> None:
     token_file = tmp_path / "admin.token"
     token_file.write_text("s3cret\n")
     extra = f'[admin]\ntoken_file = "{token_file}"\n'
-    async with spawn_daemon(tmp_path, notify, nports=1, extra=extra) as d, notify.drained():
+    # What relayd's main() reads from admin.token_file (the trailing newline dropped).
+    (tmp_path / "token-only.toml").write_text(extra)
+    token = daemon.read_token(Settings.load(tmp_path / "token-only.toml"))
+    assert token == "s3cret"
+    async with relayd(tmp_path, notify, nports=1, extra=extra, admin_token=token) as d:
         url = d.url
         port = d.ports[0]
-        ok, listed, from_env, bad, missing = await asyncio.gather(
-            relayctl("--url", url, "--token", "s3cret", "status", "--json"),
-            relayctl("--url", url + "/", "--token", "s3cret", "ports", "list"),
-            relayctl(
-                "ports", "show", str(port), env={"RELAYCTL_URL": url, "RELAYCTL_TOKEN": "s3cret"}
-            ),
-            relayctl("--url", url, "--token", "nope", "status"),
-            relayctl("--url", url, "ports", "list"),
+        ok = await inproc("--url", url, "--token", "s3cret", "status", "--json")
+        listed = await inproc("--url", url + "/", "--token", "s3cret", "ports", "list")
+        from_env = await inproc(
+            "ports", "show", str(port), env={"RELAYCTL_URL": url, "RELAYCTL_TOKEN": "s3cret"}
         )
+        bad = await inproc("--url", url, "--token", "nope", "status")
+        missing = await inproc("--url", url, "ports", "list")
         assert (ok.code, ok.err) == (0, ""), ok
         assert json.loads(ok.out)["state"] == "ready"
         assert (listed.code, listed.err) == (0, ""), listed
@@ -462,7 +491,7 @@ async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: Notif
         refused(missing, "a valid bearer token is required")
 
         added_port = free_port()
-        added = await relayctl(
+        added = await inproc(
             "--url",
             url,
             "--token",
@@ -486,11 +515,10 @@ async def test_url_and_token_against_the_http_port(tmp_path: Path, notify: Notif
             await send_device(added_port, b"via http\n")
             assert json.loads(await next_line(over_http))["data"] == "via http"
             assert await next_line(over_socket) == "via http"
-            d.signal(signal.SIGTERM)
+            assert await d.stop() == 0
             results = await asyncio.gather(
                 finish(over_http, timeout=10_000 * MS), finish(over_socket, timeout=10_000 * MS)
             )
-        assert await d.wait() in (0, -signal.SIGTERM)
         for gone in results:
             assert gone.code == 69, gone
             assert gone.err.startswith("relayctl: ") and gone.err.count("\n") == 1, gone
@@ -527,12 +555,12 @@ async def test_unreachable_daemon_exits_69_with_a_hint(tmp_path: Path) -> None:
     stale = tmp_path / "stale.sock"  # left behind by a relayd that died: nobody listens
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.bind(str(stale))
-    results = await asyncio.gather(
-        relayctl("--socket", str(missing), "status"),
-        relayctl("--socket", str(missing), "tail"),
-        relayctl("--socket", str(stale), "ports", "add", "8004"),
-        relayctl("--url", f"http://127.0.0.1:{free_port()}", "--token", "t", "reload"),
-    )
+    results = [
+        await inproc("--socket", str(missing), "status"),
+        await inproc("--socket", str(missing), "tail"),
+        await inproc("--socket", str(stale), "ports", "add", "8004"),
+        await inproc("--url", f"http://127.0.0.1:{free_port()}", "--token", "t", "reload"),
+    ]
     for result in results:
         assert result.code == 69, result
         assert result.out == ""

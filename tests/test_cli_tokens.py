@@ -293,7 +293,11 @@ def test_over_url_with_the_token(how: str) -> None:
 
 def test_installed_token_into_a_shell_variable(fake: FakeRelayd) -> None:
     script = 'TOKEN=$("$0" tokens add dashboard --read all) || exit\nprintf "<%s>" "$TOKEN"\n'
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAYCTL_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RELAYCTL_") and k != "PYTHONASYNCIODEBUG"  # not relayctl's
+    }
     proc = subprocess.run(
         ["bash", "-c", script, str(RELAYCTL)],
         capture_output=True,
@@ -310,12 +314,12 @@ def test_installed_token_into_a_shell_variable(fake: FakeRelayd) -> None:
     assert fake.state.tokens["dashboard"]["read"] == "*"
 
 
+# The tokens commands in the console script: a table and a refusal. Every outcome is
+# checked in process above (remove, exists, bad --expires), and the console script's
+# exit codes, usage errors included, in test_cli.py; a process costs 0.25 CPU-s.
 INSTALLED_CASES: list[tuple[list[str], int, str, str]] = [
     (["tokens", "list"], 0, "NAME    READ", ""),
-    (["tokens", "remove", "dash"], 0, "token dash removed\n", ""),
     (["tokens", "remove", "nobody"], 1, "", "relayctl: no token named 'nobody'\n"),
-    (["tokens", "add", "dash"], 1, "", "relayctl: a token named 'dash' exists\n"),
-    (["tokens", "add", "x", "--expires", "1y"], 2, "", "'--expires': invalid duration"),
 ]
 
 

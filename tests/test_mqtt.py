@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relayd import mqtt
+from relayd import daemon, mqtt
 from relayd.config import Settings
 from relayd.errors import ConfigError
 from tests.helpers import MS, Daemon, NotifySocket, device, run_daemon, wait_until
@@ -71,12 +71,31 @@ async def connected(d: Daemon) -> None:
         ('url = "mqtt://b"\npassword_file = "/p"', "password_file needs username"),
     ],
 )
-def test_bad_mqtt_config_is_exit_78(tmp_path: Path, mqtt_table: str, expected: str) -> None:
+def test_bad_mqtt_config_is_exit_78(
+    tmp_path: Path,
+    mqtt_table: str,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(f"[mqtt]\n{mqtt_table}\n")
     with pytest.raises(ConfigError) as info:
         Settings.load(cfg)
     assert expected in str(info.value)
+    # relayd's main() in this process (its logging set-up left out: it would replace
+    # pytest's handlers); the process boundary is checked once, below.
+    monkeypatch.setattr(daemon, "configure_logging", lambda level: None)
+    assert daemon.main(["--config", str(cfg), "--check-config"]) == 78
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert expected in err
+    assert "Traceback" not in err
+
+
+def test_bad_mqtt_config_is_exit_78_of_the_process(tmp_path: Path) -> None:
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text('[mqtt]\nurl = "http://b"\n')
     result = subprocess.run(
         [sys.executable, "-m", "relayd", "--config", str(cfg), "--check-config"],
         capture_output=True,
@@ -84,8 +103,7 @@ def test_bad_mqtt_config_is_exit_78(tmp_path: Path, mqtt_table: str, expected: s
         timeout=30,
     )
     assert result.returncode == 78
-    assert expected in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.stderr == "relayd: mqtt.url: 'http://b': the scheme is mqtt:// or mqtts://\n"
 
 
 def test_missing_library_is_exit_78_with_a_hint(tmp_path: Path) -> None:

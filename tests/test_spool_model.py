@@ -20,6 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from relayd import spool as spool_mod
 from relayd.spool import Spool
+from tests.helpers import examples
 
 
 @dataclass
@@ -151,7 +152,9 @@ class SpoolModel(RuleBasedStateMachine):
         assert self.spool.corrupt == 0
 
 
+# 60 runs of up to 40 steps with RELAYD_TEST_THOROUGH=1 (`make test-thorough`), 15 in
+# `make test`, like the other property tests (tests/helpers.py examples()).
 SpoolModel.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None, derandomize=False
+    max_examples=examples(60), stateful_step_count=40, deadline=None, derandomize=False
 )
 test_spool_against_model = SpoolModel.TestCase
