@@ -163,7 +163,7 @@ class MqttUplink:
         self.spool = spool
         self.json = settings.payload == "json"
         self.window = WINDOW_QOS1 if settings.qos == 1 else WINDOW_QOS0
-        self._password = password
+        self.password = password  # read from password_file at start or reload
         self._tls = tls_context(settings) if settings.address[2] else None
         self._on_state = on_state
         self._downlink = downlink
@@ -298,7 +298,7 @@ class MqttUplink:
         client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
         if self.settings.username is not None:
-            client.username_pw_set(self.settings.username, self._password)
+            client.username_pw_set(self.settings.username, self.password)
         if self._tls is not None:
             client.tls_set_context(self._tls)
         client.connect_timeout = self.connect_timeout

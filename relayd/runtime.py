@@ -232,9 +232,14 @@ class Runtime:
         ]
 
     async def _reload_mqtt(self, new: Settings) -> None:
-        """A changed [mqtt] gets a new client; the spool and what it holds are kept."""
+        """A changed [mqtt] gets a new client; the spool and what it holds are kept.
+
+        ``password_file`` is read again (relayd.toml(5)): a new password alone is a change.
+        """
         old = self.mqtt
-        if new.mqtt == self.settings.mqtt:
+        if new.mqtt == self.settings.mqtt and (
+            old is None or read_password(new.mqtt) == old.password
+        ):
             return
         spool = await old.detach() if old is not None else None
         try:

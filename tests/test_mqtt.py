@@ -419,6 +419,24 @@ async def test_reload_with_a_changed_mqtt_gets_a_new_client_and_keeps_the_spool(
             sub.close()
 
 
+async def test_reload_reads_the_password_file_again(tmp_path: Path, notify: NotifySocket) -> None:
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(tmp_path / "broker", users={"gw": "right"})
+    await b.start()
+    (tmp_path / "pw").write_text("wrong\n")
+    extra = mqtt_extra(b.url, username="gw", password_file=str(tmp_path / "pw"))
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await wait_until(lambda: d.runtime.mqtt.last_error is not None)
+            assert d.runtime.mqtt.state == "connecting"
+            (tmp_path / "pw").write_text("right\n")  # the config itself is unchanged
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code == 200
+            await wait_until(lambda: d.runtime.mqtt.state == "connected")
+    finally:
+        await b.stop()
+
+
 # --- TLS ----------------------------------------------------------------------------
 
 
