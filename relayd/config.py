@@ -221,14 +221,20 @@ CLIENT_ID_FIELDS = frozenset({"hostname"})
 
 def _placeholders(value: str, allowed: frozenset[str]) -> str:
     """A template with ``{placeholder}`` fields: each must be one of ``allowed``."""
+    names = ", ".join(f"{{{n}}}" for n in sorted(allowed))
     try:
-        fields = [f for _, f, spec, conv in string.Formatter().parse(value) if f is not None]
+        fields = [
+            (name, spec, conv)
+            for _, name, spec, conv in string.Formatter().parse(value)
+            if name is not None
+        ]
     except ValueError as exc:
         raise ValueError(f"{value!r}: {exc} (write {{{{ and }}}} for a literal brace)") from None
-    for name in fields:
+    for name, spec, conv in fields:
         if name not in allowed:
-            names = ", ".join(f"{{{n}}}" for n in sorted(allowed))
             raise ValueError(f"unknown placeholder {{{name[:32]}}}; known: {names}")
+        if spec or conv:  # {port:>5}, {hostname!r}: a placeholder is its name alone
+            raise ValueError(f"{{{name}}} takes no format or conversion; known: {names}")
     return value
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import uvicorn
 
-from relayd import __version__, server
+from relayd import __version__, mqtt, server
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
 from relayd.errors import ConfigError
@@ -192,6 +192,17 @@ def raise_fd_limit() -> tuple[int, int]:
     return soft, hard
 
 
+def check_mqtt(settings: Settings) -> None:
+    """What a start checks of [mqtt] beyond the file (ConfigError, exit 78): the library,
+    the password file and the TLS files. The spool and the broker are left to the start."""
+    if not settings.mqtt.enabled:
+        return
+    mqtt.import_paho()
+    mqtt.read_password(settings.mqtt)
+    if settings.mqtt.address[2]:
+        mqtt.tls_context(settings.mqtt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.log_level)
@@ -208,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         token = read_token(settings)
+        if args.check_config:
+            check_mqtt(settings)
     except ConfigError as exc:
         for problem in exc.problems:
             sys.stderr.write(f"relayd: {problem}\n")

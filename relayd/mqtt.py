@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import hashlib
 import logging
+import os
 import random
 import socket
 import ssl
@@ -48,6 +50,7 @@ BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the broker's CONNACK
 KEEPALIVE = 30
+MAX_FILE_BYTES = 1 << 20  # read of a password or TLS file to see whether it changed
 SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: power cut)
 
 _CORK = getattr(socket, "TCP_CORK", None)  # Linux
@@ -108,6 +111,25 @@ def read_password(settings: MqttSettings) -> str | None:
             [f"mqtt.password_file: cannot read {settings.password_file}: {reason}"]
         ) from None
     return text
+
+
+def files_digest(settings: MqttSettings) -> bytes:
+    """What ``password_file``, ``ca_file``, ``cert_file`` and ``key_file`` hold now.
+
+    A reload compares it with what the running client was made from (relayd.toml(5):
+    the files are read at each reload). An unreadable file counts as changed; making
+    the client then gives the error.
+    """
+    digest = hashlib.sha256()
+    for path in (settings.password_file, settings.ca_file, settings.cert_file, settings.key_file):
+        digest.update(b"\0")
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    digest.update(f.read(MAX_FILE_BYTES))
+            except OSError:
+                digest.update(os.urandom(16))
+    return digest.digest()
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext:

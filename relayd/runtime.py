@@ -34,7 +34,14 @@ from relayd.errors import (
 )
 from relayd.hub import Hub
 from relayd.listeners import ListenerRegistry, Origin, PortSource, bind
-from relayd.mqtt import MqttUplink, Spool, import_paho, open_spool, read_password
+from relayd.mqtt import (
+    MqttUplink,
+    Spool,
+    files_digest,
+    import_paho,
+    open_spool,
+    read_password,
+)
 from relayd.parsing import ALL, Ports
 from relayd.state import PortState
 from relayd.systemd import Notifier
@@ -130,6 +137,7 @@ class Runtime:
         self._prebound: list[tuple[PortSettings, Origin, socket.socket | None]] = []
         self._status_handle: asyncio.TimerHandle | None = None
         self.mqtt: MqttUplink | None = None  # [mqtt]: the broker uplink (relayd.mqtt)
+        self._mqtt_files = b""  # what its password and TLS files held when it was made
 
     # Access control and TLS
 
@@ -203,6 +211,7 @@ class Runtime:
             return None
         import_paho()  # the install hint first: nothing else matters without the library
         password = read_password(settings)
+        self._mqtt_files = files_digest(settings)
         if spool is None:
             spool = open_spool(self.state.path.parent / "spool", settings.spool_max_bytes)
         return MqttUplink(
@@ -234,11 +243,12 @@ class Runtime:
     async def _reload_mqtt(self, new: Settings) -> None:
         """A changed [mqtt] gets a new client; the spool and what it holds are kept.
 
-        ``password_file`` is read again (relayd.toml(5)): a new password alone is a change.
+        ``password_file`` and the TLS files are read again (relayd.toml(5)): a new
+        password, CA or client certificate alone is a change.
         """
         old = self.mqtt
         if new.mqtt == self.settings.mqtt and (
-            old is None or read_password(new.mqtt) == old.password
+            old is None or files_digest(new.mqtt) == self._mqtt_files
         ):
             return
         spool = await old.detach() if old is not None else None

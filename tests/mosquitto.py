@@ -69,6 +69,7 @@ class Mosquitto:
     port: int = field(default_factory=free_port)
     users: dict[str, str] = field(default_factory=dict)  # name -> password; empty: anonymous
     tls: tuple[str, str] | None = None  # (cert, key) for an mqtts listener
+    client_ca: str | None = None  # with tls: clients must show a certificate this CA signed
     process: subprocess.Popen[bytes] | None = None
 
     def write_config(self) -> Path:
@@ -89,6 +90,8 @@ class Mosquitto:
         if self.tls is not None:
             cert, key = self.tls
             lines += [f"certfile {cert}", f"keyfile {key}"]
+            if self.client_ca is not None:
+                lines += [f"cafile {self.client_ca}", "require_certificate true"]
         path = self.directory / "mosquitto.conf"
         path.write_text("\n".join(lines) + "\n")
         return path

@@ -65,6 +65,9 @@ async def connected(d: Daemon) -> None:
     [
         ('url = "mqtt://b"\ntopic = "x/{host}"', "unknown placeholder {host}"),
         ('url = "mqtt://b"\nclient_id = "gw-{port}"', "unknown placeholder {port}"),
+        ('url = "mqtt://b"\ntopic = "x/{port:>5}"', "{port} takes no format or conversion"),
+        ('url = "mqtt://b"\nclient_id = "{hostname!r}"', "{hostname} takes no format"),
+        ('url = "mqtt://b"\ntopic = "x/{port.real}"', "unknown placeholder {port.real}"),
         ('url = "mqtt://b"\nqos = 2', "mqtt.qos"),
         ('url = "http://b"', "the scheme is mqtt:// or mqtts://"),
         ('url = "mqtt://b"\ntopic = "x/#"', "no wildcards"),
@@ -127,6 +130,14 @@ def test_missing_library_is_exit_78_with_a_hint(tmp_path: Path) -> None:
     )
     assert result.returncode == 78, result.stderr
     assert "install python3-paho-mqtt (or pip install 'relayd[mqtt]')" in result.stderr
+    check = subprocess.run(
+        [sys.executable, "-c", block, "--config", str(cfg), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 78, check.stdout
+    assert "install python3-paho-mqtt" in check.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -466,3 +477,60 @@ async def test_mqtts_with_ca_file_and_a_wrong_ca_is_a_clear_tls_error(
     finally:
         await b.stop()
     assert "TLS: certificate verify failed" in caplog.text
+
+
+async def test_client_certificate_and_tls_files_read_again_at_reload(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    """cert_file/key_file are shown to a broker that requires them; a CA file whose
+    content an operator fixed is read again at a reload with the config unchanged."""
+    from tests.certs import Authority
+
+    ca = Authority(tmp_path / "ca", "ca")
+    wrong = Authority(tmp_path / "wrong", "wrong")
+    server = ca.issue("localhost", server=True)
+    client = ca.issue("gw")
+    (tmp_path / "broker").mkdir()
+    b = Mosquitto(
+        tmp_path / "broker", tls=(str(server.cert), str(server.key)), client_ca=str(ca.cert)
+    )
+    await b.start()
+    trust = tmp_path / "trust.pem"
+    trust.write_bytes(wrong.cert.read_bytes())
+    extra = mqtt_extra(
+        b.url, ca_file=str(trust), cert_file=str(client.cert), key_file=str(client.key)
+    )
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await wait_until(lambda: d.runtime.mqtt.last_error is not None)
+            assert "certificate verify failed" in d.runtime.mqtt.last_error
+            async with d.admin() as admin:  # nothing changed: the same client goes on
+                assert (await admin.post("/v1/reload")).status_code == 200
+            first = d.runtime.mqtt
+            trust.write_bytes(ca.cert.read_bytes())
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code == 200
+            assert d.runtime.mqtt is not first
+            await connected(d)
+            await send_lines(d.ports[0], [b"mutual"])
+            await wait_until(lambda: d.runtime.mqtt.published == 1)
+    finally:
+        await b.stop()
+
+
+def test_check_config_checks_the_mqtt_files(tmp_path: Path) -> None:
+    """--check-config finds what a start would refuse with 78: an unreadable
+    password file, a CA file that is not a certificate."""
+    cfg = tmp_path / "relayd.toml"
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    cfg.write_text(f'[mqtt]\nurl = "mqtts://127.0.0.1:1"\nca_file = "{tmp_path / "ca.pem"}"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "relayd", "--config", str(cfg), "--check-config"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 78, result.stderr
+    assert result.stderr.startswith("relayd: [mqtt] TLS files: "), result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
