@@ -430,6 +430,29 @@ async def test_reload_with_a_changed_mqtt_gets_a_new_client_and_keeps_the_spool(
             sub.close()
 
 
+async def test_reload_turns_the_uplink_on_and_off(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    async with run_daemon(tmp_path, notify, nports=1) as d:
+        assert d.runtime.mqtt is None and d.runtime.hub.tap is None
+        sub = await subscribe(broker)
+        try:
+            with d.config.open("a") as f:
+                f.write(mqtt_extra(broker.url, qos=1))
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code == 200
+            await connected(d)
+            await send_lines(d.ports[0], [b"on"])
+            got = await sub.wait_for(1)
+            assert got[0][1] == b"on"
+            d.config.write_text(d.config.read_text().split("[mqtt]")[0])
+            async with d.admin() as admin:
+                assert (await admin.post("/v1/reload")).status_code == 200
+            assert d.runtime.mqtt is None and d.runtime.hub.tap is None
+        finally:
+            sub.close()
+
+
 async def test_reload_reads_the_password_file_again(tmp_path: Path, notify: NotifySocket) -> None:
     (tmp_path / "broker").mkdir()
     b = Mosquitto(tmp_path / "broker", users={"gw": "right"})
