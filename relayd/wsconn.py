@@ -17,7 +17,6 @@ the way uvicorn's own protocols get ``config`` and ``server_state``.
 from __future__ import annotations
 
 import asyncio
-import asyncio.selector_events
 import functools
 import logging
 import os
@@ -73,7 +72,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         "ping_interval",
         "ping_timeout",
         "read_paused",
-        "sock",
         "subscription",
         "target",
         "timer",
@@ -100,7 +98,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             extensions=extensions, max_size=MAX_INCOMING, logger=protocol_logger
         )
         self.transport: asyncio.Transport = cast(asyncio.Transport, None)
-        self.sock: socket.socket | None = None  # see _direct_socket
         self.peer = "?"
         self.subscription: Subscription | None = None
         self.grant: Grant | None = None
@@ -117,7 +114,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
-        self.sock = _direct_socket(transport)
         self.connections.add(self)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family == socket.AF_UNIX:
@@ -190,31 +186,10 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 else:
                     self.conn.send_binary(payload)
             self._write_pending()
+        elif len(frames) == 1:
+            self.transport.write(frames[0])
         else:
-            self._write_frames(frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _write_frames(self, data: bytes) -> None:
-        """``transport.write(data)``, with the common case done here.
-
-        Fan-out to thousands of clients costs one write per client per loop
-        iteration, and asyncio's ``write`` is a stack of checks around one
-        ``send``. When the transport has nothing buffered and is open, that
-        ``send`` is all it would do: do it here. Whatever is not sent at once
-        (a full socket buffer, an error) goes to ``transport.write``, which
-        buffers it, pauses the hub past the high-water mark (relayd(8), SLOW
-        CLIENTS) or closes the connection on an error, exactly as before.
-        """
-        sock, transport = self.sock, self.transport
-        if sock is not None and not (transport.get_write_buffer_size() or transport.is_closing()):
-            try:
-                sent = sock.send(data)
-            except OSError:  # would block, or an error: transport.write tells them apart
-                pass
-            else:
-                if sent == len(data):
-                    return
-                data = data[sent:]
-        transport.write(data)
+            self.transport.write(b"".join(frames))
 
     def close(self, code: int, reason: str) -> None:
         if self.close_sent or self.disconnected:
@@ -375,20 +350,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
-
-
-def _direct_socket(transport: asyncio.BaseTransport) -> socket.socket | None:
-    """The socket under a plain (not TLS) asyncio socket transport, else None.
-
-    Only for asyncio's own selector transport, whose ``write`` is a ``send``
-    when its buffer is empty: a TLS transport's socket carries encrypted bytes,
-    and another loop's transport may work differently.
-    """
-    selector_transport = getattr(asyncio.selector_events, "_SelectorSocketTransport", None)
-    if selector_transport is None or type(transport) is not selector_transport:
-        return None
-    sock = getattr(transport, "_sock", None)
-    return sock if type(sock) is socket.socket else None
 
 
 def _reason(reason: str) -> str:
