@@ -105,3 +105,9 @@ bench-sources: bench-deps
 .PHONY: bench-footprint
 bench-footprint: bench-deps
 	$(BENCH_PY) -m bench.footprint --repeat 5 $(BENCH_FOOTPRINT_ARGS)
+
+# Issue 17: the floor under fanout1000/fanout5000 here: one small loopback send to each of
+# 1,000 / 5,000 clients, no relay around it (bench/sendcost.py; ~30 s). SCHED_FIFO as the bench.
+.PHONY: bench-sendcost
+bench-sendcost: bench-deps
+	chrt -f 10 $(BENCH_PY) -m bench.sendcost $(BENCH_SENDCOST_ARGS)

@@ -5,10 +5,13 @@ encoded into a WebSocket frame once (and into a JSON envelope once, when a
 client asked for envelopes); the same bytes go to every subscriber. Each
 subscriber has its own queue: frames published during one event-loop
 iteration are written to its transport in one call at the end of that
-iteration. While a client's transport is paused (its socket is not keeping
-up), its queue holds at most ``queue_size`` messages and the overflow policy
-applies to that client alone: drop its oldest messages and count them, or
-close it with 1008.
+iteration. With thousands of clients that pass is long (one system call per
+client), so it writes ``FLUSH_CHUNK`` clients per loop iteration: a message
+read from a device meanwhile joins the queues of the clients the pass has not
+reached yet and goes out with it, and the others get it in the next pass.
+While a client's transport is paused (its socket is not keeping up), its queue
+holds at most ``queue_size`` messages and the overflow policy applies to that
+client alone: drop its oldest messages and count them, or close it with 1008.
 
 Every message also gets its port's next sequence number and is kept in that
 port's history ring (``relayd.history``) before it is fanned out; a new
@@ -31,6 +34,7 @@ from typing import Literal, Protocol
 from relayd.history import History, Meta, Replay, Snapshot
 
 REPLAY_CHUNK = 256  # replayed messages encoded and sent per event-loop iteration
+FLUSH_CHUNK = 128  # clients written per event-loop iteration (see the module docstring)
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +297,9 @@ class Hub:
         self.dropped: dict[str, int] = {"queue_full": 0, "slow_client_disconnected": 0}
         self._subs: set[Subscription] = set()
         self._targets: dict[int, tuple[list[Subscription], list[Subscription]]] = {}
-        self._dirty: list[Subscription] = []
+        self._dirty: list[Subscription] = []  # to write in the next pass
+        self._pass: list[Subscription] = []  # the pass under way, written up to _pass_at
+        self._pass_at = 0
         self._flush_handle: asyncio.Handle | None = None
         self._empty = asyncio.Event()
         self._empty.set()
@@ -504,18 +510,36 @@ class Hub:
             self._flush_handle = self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """Write the next ``FLUSH_CHUNK`` clients of the pass; start a pass when none is left.
+
+        A client whose frames this pass has not written yet is still ``scheduled``:
+        what is published in between lands in its queue and goes out with this
+        pass's write. One already written gets a place in the next pass.
+        """
         self._flush_handle = None
-        dirty, self._dirty = self._dirty, []
-        for sub in dirty:
+        todo, start = self._pass, self._pass_at
+        if start >= len(todo):
+            todo, self._dirty, start = self._dirty, [], 0
+            self._pass = todo
+        end = start + FLUSH_CHUNK
+        self._pass_at = end
+        for sub in todo[start:end]:
             sub.scheduled = False
             sub.flush()
+        if end >= len(todo):
+            self._pass, self._pass_at = [], 0
+        if (self._pass or self._dirty) and self._flush_handle is None:
+            self._flush_handle = self._loop.call_soon(self._flush)
 
     async def close(self, timeout: float) -> None:
         """Flush every client's queue, close each with 1001, wait up to ``timeout`` for them."""
         self.closing = True
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-        self._flush()
+            self._flush_handle = None
+        for sub in (*self._pass[self._pass_at :], *self._dirty):
+            sub.scheduled = False
+        self._pass, self._pass_at, self._dirty = [], 0, []
         for sub in list(self._subs):
             sub.flush()
             sub.close(CLOSE_GOING_AWAY, "relayd is stopping")

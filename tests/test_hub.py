@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from relayd.hub import OP_BINARY, OP_TEXT, Hub, HubFull, Source, encode_frame
+from relayd.hub import FLUSH_CHUNK, OP_BINARY, OP_TEXT, Hub, HubFull, Source, encode_frame
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -73,6 +73,44 @@ async def test_publish_encodes_once_and_batches_per_iteration() -> None:
     assert a.writes == 1  # one transport write per client per loop iteration
     assert a.frames[0] is b.frames[0]  # the same bytes object for every client
     assert hub.messages_sent == 6
+
+
+async def test_a_long_pass_takes_in_what_arrives_while_it_writes() -> None:
+    """Thousands of clients: FLUSH_CHUNK per loop iteration. A message published
+    between two chunks goes out with this pass to the clients it has not reached,
+    and in the next pass to the others; each client still gets one write per pass."""
+    n = FLUSH_CHUNK * 2 + 10
+    hub = make_hub(max_clients=n)
+    sinks = [FakeSink() for _ in range(n)]
+    for sink in sinks:
+        hub.subscribe(sink, None, False)
+    hub.publish(SRC, [b"one"], all_text=True)
+    await asyncio.sleep(0)  # publish's flush: the first chunk
+    written = [s for s in sinks if s.writes]
+    assert len(written) == FLUSH_CHUNK
+    hub.publish(SRC, [b"two"], all_text=True)
+    await wait_until(lambda: all(payloads(s.frames) == [b"one", b"two"] for s in sinks))
+    reached = [s for s in sinks if s.writes == 2]
+    assert reached == written  # [one], then [two] in the next pass
+    assert all(s.writes == 1 for s in sinks if s not in written)  # [one, two] in one write
+    assert hub.messages_sent == 2 * n
+    await next_iteration()
+    assert not hub._pass and not hub._dirty and hub._flush_handle is None
+
+
+async def test_close_writes_the_rest_of_a_pass_under_way() -> None:
+    n = FLUSH_CHUNK + 5
+    hub = make_hub(max_clients=n)
+    sinks = [FakeSink() for _ in range(n)]
+    for sink in sinks:
+        hub.subscribe(sink, None, False)
+    hub.publish(SRC, [b"last"], all_text=True)
+    await asyncio.sleep(0)
+    assert sum(1 for s in sinks if s.writes) == FLUSH_CHUNK
+    await hub.close(0.0)
+    assert all(
+        payloads(s.frames) == [b"last"] and s.closed == (1001, "relayd is stopping") for s in sinks
+    )
 
 
 async def test_text_and_binary_opcodes() -> None:
