@@ -9,7 +9,8 @@ relayctl(1)'s exit codes here: relayd refused (1, with its ``detail``), a bad
 A request on the admin socket goes through ``http.client`` (``UnixHTTPConnection``):
 the plain commands never import httpx, whose import alone takes longer than the
 request. httpx serves ``--url`` (TCP, TLS) and websockets ``tail``; both are
-imported where they are used, not at import time.
+imported where they are used, not at import time; so is typer (``relayctl
+status`` runs without it, see ``relayd.ctl``).
 
 The network below httpx is replaceable: pass ``obj=httpx.MockTransport(...)``
 to ``typer.testing.CliRunner.invoke`` and every request goes to it.
@@ -29,13 +30,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlencode
 
-import typer
-
 from relayd import __version__
 from relayd.cli_output import EXIT_REFUSED, EXIT_UNAVAILABLE, fail
 
 if TYPE_CHECKING:
     import httpx
+    import typer
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -113,6 +113,7 @@ def make_target(socket: str, url: str | None, token: str | None, obj: object) ->
         transport = obj if isinstance(obj, httpx.BaseTransport) else None
     if url is not None:
         import httpx
+        import typer
 
         url = url.rstrip("/")
         try:
