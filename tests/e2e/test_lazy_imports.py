@@ -30,9 +30,9 @@ HEAVY = (
     "paho",
     "typer",
     "rich",
-    # uvicorn's package __init__ (relayd.lazy_uvicorn): uvicorn.main, click, multiprocessing
+    # uvicorn's package __init__ (relayd.lazy_uvicorn): uvicorn.main, multiprocessing (and
+    # click, which uvicorn.config itself imports on older uvicorn, e.g. Debian 13's 0.32)
     "uvicorn.main",
-    "click",
     "multiprocessing",
 )
 
@@ -160,7 +160,7 @@ from relayd import lazy_uvicorn
 import uvicorn, uvicorn.config, uvicorn.server
 import uvicorn.lifespan.on  # does `from uvicorn import Config`
 from uvicorn import Config
-report = {"after_submodules": [m for m in ("uvicorn.main", "click") if m in sys.modules]}
+report = {"after_submodules": [m for m in ("uvicorn.main", "multiprocessing") if m in sys.modules]}
 report["config_is_config"] = Config is uvicorn.config.Config
 report["probe"] = hasattr(uvicorn, "__wrapped__")
 report["initialised_early"] = lazy_uvicorn.initialised(uvicorn)
