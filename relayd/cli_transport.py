@@ -21,13 +21,11 @@ from __future__ import annotations
 import errno
 import http.client
 import json
-import logging
 import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 from urllib.parse import urlencode
 
 from relayd import __version__
@@ -48,11 +46,6 @@ QUICK_TIMEOUT = 30.0
 
 USER_AGENT = f"relayctl/{__version__}"
 
-# websockets logs through this logger; the NullHandler keeps Python's
-# last-resort handler from printing its warnings (and tracebacks) to the user.
-logger = logging.getLogger(__name__)
-logger.addHandler(logging.NullHandler())
-
 
 def _timeout(patient: bool) -> httpx.Timeout:
     import httpx
@@ -60,9 +53,11 @@ def _timeout(patient: bool) -> httpx.Timeout:
     return httpx.Timeout(None if patient else QUICK_TIMEOUT, connect=CONNECT_TIMEOUT)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where relayd is (the global options) and how to reach it."""
+class Target(NamedTuple):
+    """Where relayd is (the global options) and how to reach it.
+
+    (NamedTuples, not dataclasses: ``relayctl status`` does not import those.)
+    """
 
     socket: str = DEFAULT_SOCKET
     url: str | None = None
@@ -176,8 +171,7 @@ def detail_of(status: int, reason: str, body: bytes | bytearray) -> str:
 # --- the admin API -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """An admin API answer, whichever client carried it."""
 
     status_code: int
@@ -382,7 +376,16 @@ async def _tail(target: Target, path: str, emit: Callable[[str | bytes], None]) 
 
 
 def _subscribe(target: Target, path: str) -> connect:
+    import logging
+
     from websockets.asyncio.client import connect, unix_connect
+
+    # websockets logs through this logger; the NullHandler keeps Python's
+    # last-resort handler from printing its warnings (and tracebacks) to the user.
+    # (Made here: the plain commands never import logging.)
+    logger = logging.getLogger(__name__)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
 
     if target.url is None:
         return unix_connect(
