@@ -105,3 +105,8 @@ bench-sources: bench-deps
 .PHONY: bench-footprint
 bench-footprint: bench-deps
 	$(BENCH_PY) -m bench.footprint --repeat 5 $(BENCH_FOOTPRINT_ARGS)
+
+# Idle RSS of relayd by part (issue 17): what each group of imports adds.
+.PHONY: bench-footprint-parts
+bench-footprint-parts: bench-deps
+	$(BENCH_PY) -m bench.footprint_parts $(BENCH_FOOTPRINT_ARGS)
