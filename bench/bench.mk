@@ -109,4 +109,4 @@ bench-footprint: bench-deps
 # Idle RSS of relayd by part (issue 17): what each group of imports adds.
 .PHONY: bench-footprint-parts
 bench-footprint-parts: bench-deps
-	$(BENCH_PY) -m bench.footprint_parts $(BENCH_FOOTPRINT_ARGS)
+	$(BENCH_PY) -m bench.footprint_parts $(BENCH_FOOTPRINT_PARTS_ARGS)
