@@ -111,3 +111,8 @@ bench-footprint: bench-deps
 .PHONY: bench-sendcost
 bench-sendcost: bench-deps
 	chrt -f 10 $(BENCH_PY) -m bench.sendcost $(BENCH_SENDCOST_ARGS)
+
+# Idle RSS of relayd by part (issue 17): what each group of imports adds.
+.PHONY: bench-footprint-parts
+bench-footprint-parts: bench-deps
+	$(BENCH_PY) -m bench.footprint_parts $(BENCH_FOOTPRINT_PARTS_ARGS)

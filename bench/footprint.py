@@ -7,7 +7,9 @@ this measures, as medians of ``--repeat`` runs:
 - exec -> READY=1: from just before the exec until the datagram on a real
   ``$NOTIFY_SOCKET`` arrives;
 - idle RSS: VmRSS once it settles after READY (no change over 0.5 s);
-- ``relayctl status`` wall time against that running daemon;
+- ``relayctl status`` wall time against that running daemon (what the console
+  script runs: ``python -c "from relayd.ctl import main; ..."``, or relayd.cli's
+  for a checkout from before relayd.ctl);
 
 and, once each, the ``python -X importtime`` breakdown of relayd up to READY
 and of ``relayctl status``: self time grouped by top-level package (what each
@@ -39,7 +41,6 @@ from bench.procstat import rss_kib
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGED = ROOT / "packaging" / "relayd.toml"
-BIN = Path(sys.executable).parent
 READY_TIMEOUT = 30.0
 SETTLE = 0.5  # seconds RSS must stay unchanged
 
@@ -53,6 +54,13 @@ class Source:
     @property
     def cwd(self) -> str | None:
         return str(self.directory) if self.directory else None
+
+    @property
+    def relayctl(self) -> list[str]:
+        """What the ``relayctl`` console script runs (relayd.ctl since issue 17's quick path)."""
+        root = self.directory or ROOT
+        module = "relayd.ctl" if (root / "relayd" / "ctl.py").exists() else "relayd.cli"
+        return [sys.executable, "-c", f"import sys; from {module} import main; sys.exit(main())"]
 
     @property
     def env(self) -> dict[str, str]:
@@ -150,7 +158,7 @@ class Daemon:
     def relayctl_status(self) -> float:
         t0 = time.perf_counter()
         subprocess.run(
-            [str(BIN / "relayctl"), "--socket", str(self.socket), "status"],
+            [*self.source.relayctl, "--socket", str(self.socket), "status"],
             check=True,
             stdout=subprocess.DEVNULL,
             env=self.source.env,
@@ -190,9 +198,9 @@ def importtime_of_relayctl(source: Source) -> str:
         d.start()
         try:
             d.relayctl_status()  # the first one after a start builds the admin API
+            python, _, script = source.relayctl
             result = subprocess.run(
-                [sys.executable, "-X", "importtime", "-c", "from relayd.cli import main; main()"]
-                + ["--socket", str(d.socket), "status"],
+                [python, "-X", "importtime", "-c", script, "--socket", str(d.socket), "status"],
                 capture_output=True,
                 text=True,
                 check=True,

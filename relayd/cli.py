@@ -19,35 +19,26 @@ from urllib.parse import urlencode
 
 import typer
 
-from relayd import __version__
+from relayd import __version__, cli_status
 from relayd.cli_output import (
     EXIT_INTERRUPTED,
     EXIT_REFUSED,
-    JsonOption,
-    PortArgument,
-    check_port,
     count,
     draining_note,
     escape_message,
     fail,
     human_bytes,
-    human_duration,
-    key_values,
     labelled,
-    mqtt_line,
-    need_command,
     note,
-    ports_table,
     print_json,
-    seconds,
     text,
 )
+from relayd.cli_params import JsonOption, PortArgument, check_port, need_command
 from relayd.cli_send import send
 from relayd.cli_tokens import tokens_app
 from relayd.cli_transport import (
     DEFAULT_SOCKET,
     answer_object,
-    answer_ports,
     call,
     make_target,
     target_of,
@@ -199,79 +190,19 @@ def ports(ctx: typer.Context) -> None:
 @app.command()
 def status(ctx: typer.Context, *, as_json: JsonOption = False) -> None:
     """Show relayd's state, version and counts, and its listener ports."""
-    target = target_of(ctx)
-    response = call(target, "GET", "/v1/status")
-    if as_json:
-        print_json(response.text)
-        return
-    info = answer_object(target, response)
-    port_list = answer_ports(target, call(target, "GET", "/v1/ports"))
-    typer.echo(
-        key_values(
-            [
-                ("state", text(info.get("state"))),
-                ("version", text(info.get("version"))),
-                ("pid", text(info.get("pid"))),
-                ("uptime", human_duration(seconds(info.get("uptime_s")))),
-                ("http", text(info.get("http"))),
-                ("ports", str(count(info.get("ports")))),
-                ("tcp connections", str(count(info.get("tcp_connections")))),
-                ("ws clients", str(count(info.get("ws_clients")))),
-                *mqtt_line(info.get("mqtt")),
-            ]
-        )
-    )
-    if port_list:
-        typer.echo()
-        typer.echo(ports_table(port_list))
+    cli_status.status(target_of(ctx), as_json=as_json)
 
 
 @ports_app.command("list")
 def ports_list(ctx: typer.Context, *, as_json: JsonOption = False) -> None:
     """List the listener ports with their counters."""
-    target = target_of(ctx)
-    response = call(target, "GET", "/v1/ports")
-    if as_json:
-        print_json(response.text)
-        return
-    port_list = answer_ports(target, response)
-    typer.echo(ports_table(port_list) if port_list else "no listener ports")
-
-
-SOURCE_KEYS = ("connect", "serial")
-FRAMING_KEYS = ("delimiter", "length_prefix", "size")
+    cli_status.ports_list(target_of(ctx), as_json=as_json)
 
 
 @ports_app.command("show")
 def ports_show(ctx: typer.Context, port: PortArgument, *, as_json: JsonOption = False) -> None:
     """Show listener PORT (1-65535) in detail."""
-    target = target_of(ctx)
-    response = call(target, "GET", f"/v1/ports/{port}")
-    if as_json:
-        print_json(response.text)
-        return
-    p = answer_object(target, response)
-    received = count(p.get("bytes_received"))
-    typer.echo(
-        key_values(
-            [
-                ("port", text(p.get("port"))),
-                ("name", text(p.get("name"))),
-                ("kind", text(p.get("kind", "listen"))),
-                ("host", text(p.get("host"))),
-                *[(key, text(p[key])) for key in SOURCE_KEYS if p.get(key) is not None],
-                ("framing", text(p.get("framing"))),
-                *[(key, text(p[key])) for key in FRAMING_KEYS if p.get(key) is not None],
-                ("max connections", text(p.get("max_connections"))),
-                ("state", text(p.get("state"))),
-                *([("last error", text(p["last_error"]))] if p.get("last_error") else []),
-                ("source", text(p.get("source"))),
-                ("connections", str(count(p.get("connections")))),
-                ("messages", str(count(p.get("messages_received")))),
-                ("bytes", f"{human_bytes(received)} ({received})"),
-            ]
-        )
-    )
+    cli_status.ports_show(target_of(ctx), port, as_json=as_json)
 
 
 @ports_app.command("add")

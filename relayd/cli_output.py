@@ -1,18 +1,18 @@
 """relayctl's output: exit codes, one-line errors, tables and human units.
 
 Everything here is formatting and printing (``fail`` prints one line and
-exits; ``need_command`` prints a group's help and exits); none of it talks to
-relayd. The exit codes are relayctl(1)'s EXIT STATUS: 0 success; 1 relayd
-refused (its ``detail`` on stderr); 2 usage error; 69 relayd cannot be reached;
-130 interrupted (Ctrl-C).
+exits); none of it talks to relayd, and none of it imports typer (``relayctl
+status`` runs without it, see ``relayd.ctl``; the typer parameters are in
+``relayd.cli_params``). The exit codes are relayctl(1)'s EXIT STATUS: 0
+success; 1 relayd refused (its ``detail`` on stderr); 2 usage error; 69 relayd
+cannot be reached; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
-from typing import Annotated, Any, NoReturn
-
-import typer
+from typing import Any, NoReturn
 
 from relayd.parsing import ports_from_json, ports_text
 
@@ -21,43 +21,52 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69  # EX_UNAVAILABLE
 EXIT_INTERRUPTED = 130
 
-JsonOption = Annotated[
-    bool, typer.Option("--json", help="Print the API's JSON unchanged.", show_default=False)
-]
-
-
-def check_port(value: int) -> int:
-    if not 1 <= value <= 65535:
-        raise typer.BadParameter(f"{value} is not a port number (1-65535)")
-    return value
-
-
-PortArgument = Annotated[
-    int, typer.Argument(metavar="PORT", callback=check_port, show_default=False, hidden=True)
-]  # hidden: the "[required]" line; each docstring says what PORT is
-
 
 def fail(message: str, code: int = EXIT_REFUSED) -> NoReturn:
     """Print one ``relayctl: …`` line on stderr and exit with ``code``."""
     note(message)
-    raise typer.Exit(code)
+    leave(code)
+
+
+def leave(code: int) -> NoReturn:
+    """End the command with exit ``code``: typer's ``Exit`` inside the typer app.
+
+    The quick commands of ``relayd.ctl`` run without typer: there it is a
+    ``SystemExit``, which ``relayd.ctl.main`` turns into the exit code.
+    """
+    typer = sys.modules.get("typer")
+    if typer is not None:
+        raise typer.Exit(code)
+    raise SystemExit(code)
 
 
 def note(message: str) -> None:
     """Print one ``relayctl: …`` line on stderr and go on: progress, not a failure."""
-    typer.echo(f"relayctl: {' '.join(message.split())}", err=True)
+    echo(f"relayctl: {' '.join(message.split())}", err=True)
 
 
-def need_command(ctx: typer.Context) -> None:
-    """A group called without a command: its help on stderr, and a usage error."""
-    if ctx.invoked_subcommand is None and not ctx.resilient_parsing:
-        typer.echo(ctx.get_help(), err=True)
-        raise typer.Exit(EXIT_USAGE)
+def echo(message: str, *, err: bool = False, nl: bool = True) -> None:
+    """``typer.echo`` without importing typer where the result is the same.
+
+    click's echo writes the text and flushes; it differs from a plain write when
+    the text has an escape sequence (stripped when the stream is no terminal) or
+    when the stream's encoding is not UTF-8 (click may re-wrap it). Those cases
+    still go to typer.echo, so the output is the same either way.
+    """
+    stream = sys.stderr if err else sys.stdout
+    encoding = (getattr(stream, "encoding", None) or "").lower().replace("-", "")
+    if "\x1b" in message or not (message.isascii() or encoding == "utf8"):
+        import typer
+
+        typer.echo(message, err=err, nl=nl)
+        return
+    stream.write(message + "\n" if nl else message)
+    stream.flush()
 
 
 def print_json(body: str) -> None:
     """The API's JSON exactly as it came."""
-    typer.echo(body, nl=not body.endswith("\n"))
+    echo(body, nl=not body.endswith("\n"))
 
 
 _BYTE_ESCAPES = [

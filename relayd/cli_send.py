@@ -17,7 +17,8 @@ from typing import Annotated, Any, BinaryIO
 
 import typer
 
-from relayd.cli_output import JsonOption, PortArgument, count, fail, print_json
+from relayd.cli_output import count, fail, print_json
+from relayd.cli_params import JsonOption, PortArgument
 from relayd.cli_transport import answer_object, call, target_of
 
 # relayd takes no message larger than this (relay.max_message's upper bound);

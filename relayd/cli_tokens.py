@@ -16,15 +16,14 @@ from urllib.parse import quote
 import typer
 
 from relayd.cli_output import (
-    JsonOption,
     fail,
-    need_command,
     note,
     permission,
     print_json,
     text,
     tokens_table,
 )
+from relayd.cli_params import JsonOption, need_command
 from relayd.cli_transport import answer_list, answer_object, call, target_of
 from relayd.parsing import (
     ALL,

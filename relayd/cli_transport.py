@@ -9,7 +9,8 @@ relayctl(1)'s exit codes here: relayd refused (1, with its ``detail``), a bad
 A request on the admin socket goes through ``http.client`` (``UnixHTTPConnection``):
 the plain commands never import httpx, whose import alone takes longer than the
 request. httpx serves ``--url`` (TCP, TLS) and websockets ``tail``; both are
-imported where they are used, not at import time.
+imported where they are used, not at import time; so is typer (``relayctl
+status`` runs without it, see ``relayd.ctl``).
 
 The network below httpx is replaceable: pass ``obj=httpx.MockTransport(...)``
 to ``typer.testing.CliRunner.invoke`` and every request goes to it.
@@ -20,22 +21,19 @@ from __future__ import annotations
 import errno
 import http.client
 import json
-import logging
 import os
 import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 from urllib.parse import urlencode
-
-import typer
 
 from relayd import __version__
 from relayd.cli_output import EXIT_REFUSED, EXIT_UNAVAILABLE, fail
 
 if TYPE_CHECKING:
     import httpx
+    import typer
     from websockets.asyncio.client import connect
     from websockets.exceptions import ConnectionClosed
 
@@ -48,11 +46,6 @@ QUICK_TIMEOUT = 30.0
 
 USER_AGENT = f"relayctl/{__version__}"
 
-# websockets logs through this logger; the NullHandler keeps Python's
-# last-resort handler from printing its warnings (and tracebacks) to the user.
-logger = logging.getLogger(__name__)
-logger.addHandler(logging.NullHandler())
-
 
 def _timeout(patient: bool) -> httpx.Timeout:
     import httpx
@@ -60,9 +53,11 @@ def _timeout(patient: bool) -> httpx.Timeout:
     return httpx.Timeout(None if patient else QUICK_TIMEOUT, connect=CONNECT_TIMEOUT)
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where relayd is (the global options) and how to reach it."""
+class Target(NamedTuple):
+    """Where relayd is (the global options) and how to reach it.
+
+    (NamedTuples, not dataclasses: ``relayctl status`` does not import those.)
+    """
 
     socket: str = DEFAULT_SOCKET
     url: str | None = None
@@ -113,6 +108,7 @@ def make_target(socket: str, url: str | None, token: str | None, obj: object) ->
         transport = obj if isinstance(obj, httpx.BaseTransport) else None
     if url is not None:
         import httpx
+        import typer
 
         url = url.rstrip("/")
         try:
@@ -175,8 +171,7 @@ def detail_of(status: int, reason: str, body: bytes | bytearray) -> str:
 # --- the admin API -----------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Reply:
+class Reply(NamedTuple):
     """An admin API answer, whichever client carried it."""
 
     status_code: int
@@ -381,7 +376,16 @@ async def _tail(target: Target, path: str, emit: Callable[[str | bytes], None]) 
 
 
 def _subscribe(target: Target, path: str) -> connect:
+    import logging
+
     from websockets.asyncio.client import connect, unix_connect
+
+    # websockets logs through this logger; the NullHandler keeps Python's
+    # last-resort handler from printing its warnings (and tracebacks) to the user.
+    # (Made here: the plain commands never import logging.)
+    logger = logging.getLogger(__name__)
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
 
     if target.url is None:
         return unix_connect(

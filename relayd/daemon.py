@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# First, before anything imports uvicorn: its package __init__ (uvicorn.main, click) waits.
+from relayd import lazy_uvicorn  # noqa: F401
+
+# isort: split
+
 import argparse
 import asyncio
 import logging
@@ -11,7 +16,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import uvicorn
+import uvicorn.config
 
 from relayd import __version__, mqtt, server
 from relayd.app import create_app
@@ -156,8 +161,8 @@ async def serve(
     if on_runtime is not None:
         on_runtime(runtime)
 
-    def make_config() -> uvicorn.Config:
-        return uvicorn.Config(
+    def make_config() -> uvicorn.config.Config:
+        return uvicorn.config.Config(
             create_app(runtime, admin_token=admin_token),
             ws=protocol_factory(WsEndpoint(runtime)),  # type: ignore[arg-type]
             lifespan="on",

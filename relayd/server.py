@@ -33,7 +33,8 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-import uvicorn
+import uvicorn.config
+import uvicorn.server
 
 from relayd.errors import BindError, RelaydError
 from relayd.http11 import RelayHttpProtocol
@@ -150,7 +151,7 @@ def _bind_all(runtime: Runtime) -> list[socket.socket] | None:
 
 async def serve(
     runtime: Runtime,
-    make_config: Callable[[], uvicorn.Config],
+    make_config: Callable[[], uvicorn.config.Config],
     *,
     shutdown_trigger: ShutdownTrigger | None = None,
 ) -> bool:
@@ -159,7 +160,7 @@ async def serve(
     if sockets is None:
         return False
     config = make_config()
-    server = uvicorn.Server(config)
+    server = uvicorn.server.Server(config)
     tasks = _Tasks()
     loop = asyncio.get_running_loop()
     accept_errors = AcceptErrorHandler(loop.get_exception_handler())
@@ -185,13 +186,13 @@ async def serve(
     return server.started
 
 
-async def _trigger(shutdown_trigger: ShutdownTrigger, server: uvicorn.Server) -> None:
+async def _trigger(shutdown_trigger: ShutdownTrigger, server: uvicorn.server.Server) -> None:
     await shutdown_trigger()
     server.should_exit = True
 
 
 async def _start(
-    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
+    server: uvicorn.server.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
 ) -> bool:
     config = server.config
     if not config.loaded:
@@ -225,7 +226,7 @@ async def _start(
 
 
 async def _serve_http(
-    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket]
+    server: uvicorn.server.Server, runtime: Runtime, sockets: list[socket.socket]
 ) -> list[asyncio.Server]:
     """Serve ``[http]`` (with TLS when configured) and the admin socket.
 
@@ -277,7 +278,7 @@ async def _reload(runtime: Runtime) -> None:
 
 
 async def _stop(
-    server: uvicorn.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
+    server: uvicorn.server.Server, runtime: Runtime, sockets: list[socket.socket], tasks: _Tasks
 ) -> None:
     if not server.started:
         return

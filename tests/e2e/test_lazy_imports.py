@@ -30,6 +30,10 @@ HEAVY = (
     "paho",
     "typer",
     "rich",
+    # uvicorn's package __init__ (relayd.lazy_uvicorn): uvicorn.main, multiprocessing (and
+    # click, which uvicorn.config itself imports on older uvicorn, e.g. Debian 13's 0.32)
+    "uvicorn.main",
+    "multiprocessing",
 )
 
 SCRIPT = """
@@ -148,3 +152,42 @@ def test_relayctl_plain_commands_do_not_import_httpx(tmp_path: Path) -> None:
     assert json.loads(lines[-1]) == {"code": 0, "heavy": []}
     assert requests[0].startswith(b"GET /v1/ports HTTP/1.1\r\n")
     assert b"\r\nUser-Agent: relayctl/" in requests[0]
+
+
+LAZY_UVICORN = """
+import importlib.metadata, json, sys
+from relayd import lazy_uvicorn
+import uvicorn, uvicorn.config, uvicorn.server
+import uvicorn.lifespan.on  # does `from uvicorn import Config`
+from uvicorn import Config
+report = {"after_submodules": [m for m in ("uvicorn.main", "multiprocessing") if m in sys.modules]}
+report["config_is_config"] = Config is uvicorn.config.Config
+report["probe"] = hasattr(uvicorn, "__wrapped__")
+report["initialised_early"] = lazy_uvicorn.initialised(uvicorn)
+report["version"] = uvicorn.__version__ == importlib.metadata.version("uvicorn")
+from uvicorn.main import run
+report["run"] = uvicorn.run is run and uvicorn.Server is uvicorn.server.Server
+report["initialised"] = lazy_uvicorn.initialised(uvicorn)
+sys.stdout.write(json.dumps(report))
+"""
+
+
+def test_uvicorn_package_init_waits_for_its_first_use() -> None:
+    """relayd imports uvicorn's submodules only; the package's own names still work."""
+    proc = subprocess.run(
+        [sys.executable, "-c", LAZY_UVICORN],
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {
+        "after_submodules": [],
+        "config_is_config": True,
+        "probe": False,
+        "initialised_early": False,
+        "version": True,
+        "run": True,
+        "initialised": True,
+    }
