@@ -32,7 +32,7 @@ typecheck: $(STAMP)
 # The suite runs on PYTEST_JOBS workers (pytest-xdist; 0 = in this process, serially).
 # Twice as many workers as this machine's 2 cores: most tests wait (on timeouts,
 # drains, daemon start-ups) rather than compute, so 4 workers fill the cores that 2
-# leave idle. Tests marked xdist_group("heavy") (floods, kills, timed stops) all go to
+# leave idle. Tests marked xdist_group("heavy") (floods, timed waits) all go to
 # one worker, so that they never overlap each other. RELAYD_TEST_TIMEOUT_SCALE=3 widens
 # every bounded wait on a loaded host; RELAYD_TEST_THOROUGH=1 (`make test-thorough`)
 # runs the property tests with their full example counts.
