@@ -50,10 +50,10 @@ endif
 PYCACHE := PYTHONDONTWRITEBYTECODE=
 
 # asyncio's debug mode (PYTHONASYNCIODEBUG=1: never-awaited coroutines with where they
-# were made, slow callbacks, non-thread-safe calls) costs `make test` about a seventh of
-# its time, so the quick everyday run goes without it; test-floor, test-thorough and
-# coverage keep it, and CI runs test-floor on every commit, so every change still runs
-# once in debug mode. `make pytest ASYNCIO_DEBUG=1` turns it on here too.
+# were made, slow callbacks, non-thread-safe calls) costs pytest 4-15 % of its time
+# here (bench/RESULTS.md), so the quick everyday run goes without it; test-floor,
+# test-thorough and coverage keep it, and CI runs test-floor on every commit, so every
+# change still runs once in debug mode. `make pytest ASYNCIO_DEBUG=1` turns it on here too.
 ASYNCIODEBUG := $(if $(filter 1,$(ASYNCIO_DEBUG)),PYTHONASYNCIODEBUG=1,)
 
 pytest: $(STAMP)
