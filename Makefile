@@ -30,11 +30,13 @@ typecheck: $(STAMP)
 	$(BIN)/mypy relayd
 
 # The suite runs on PYTEST_JOBS workers (pytest-xdist; 0 = in this process, serially).
-# Tests marked xdist_group("heavy") (floods, kills, timed stops) all go to one worker,
-# so that they never overlap each other. RELAYD_TEST_TIMEOUT_SCALE=3 widens every
-# bounded wait on a loaded host; RELAYD_TEST_THOROUGH=1 (`make test-thorough`) runs
-# the property tests with their full example counts.
-PYTEST_JOBS ?= 2
+# Twice as many workers as this machine's 2 cores: most tests wait (on timeouts,
+# drains, daemon start-ups) rather than compute, so 4 workers fill the cores that 2
+# leave idle. Tests marked xdist_group("heavy") (floods, timed waits) all go to
+# one worker, so that they never overlap each other. RELAYD_TEST_TIMEOUT_SCALE=3 widens
+# every bounded wait on a loaded host; RELAYD_TEST_THOROUGH=1 (`make test-thorough`)
+# runs the property tests with their full example counts.
+PYTEST_JOBS ?= 4
 ifeq ($(PYTEST_JOBS),0)
 XDIST :=
 else
@@ -47,8 +49,15 @@ endif
 # every test module and plugin again (collection: 5.8 -> 2.1 CPU-s per worker here).
 PYCACHE := PYTHONDONTWRITEBYTECODE=
 
+# asyncio's debug mode (PYTHONASYNCIODEBUG=1: never-awaited coroutines with where they
+# were made, slow callbacks, non-thread-safe calls) costs pytest 4-15 % of its time
+# here (bench/RESULTS.md), so the quick everyday run goes without it; test-floor,
+# test-thorough and coverage keep it, and CI runs test-floor on every commit, so every
+# change still runs once in debug mode. `make pytest ASYNCIO_DEBUG=1` turns it on here too.
+ASYNCIODEBUG := $(if $(filter 1,$(ASYNCIO_DEBUG)),PYTHONASYNCIODEBUG=1,)
+
 pytest: $(STAMP)
-	$(PYCACHE) PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
+	$(PYCACHE) $(ASYNCIODEBUG) $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)
 
 test-thorough: $(STAMP)
 	$(PYCACHE) RELAYD_TEST_THOROUGH=1 PYTHONASYNCIODEBUG=1 $(BIN)/pytest $(XDIST) $(PYTEST_ARGS)

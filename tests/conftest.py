@@ -33,6 +33,39 @@ settings.register_profile("relayd", max_examples=examples(100), deadline=None)
 settings.load_profile("relayd")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``xdist_group`` marks take effect again on pytest >= 9.2.
+
+    ``--dist loadgroup`` sends the tests of one group to one worker by the ``@group``
+    suffix pytest-xdist appends to their node ids in a worker. It sets ``item._nodeid``,
+    which pytest 9.2's structured node ids no longer read: every mark was silently
+    ignored and the "heavy" tests ran side by side (pytest-xdist issue 1386). This sets
+    the same suffix through the structured id, and refuses to run when it cannot, so
+    that a change on either side is an error rather than flaky timed tests.
+    """
+    if not getattr(config.option, "loadgroup", False):
+        return  # not an xdist worker with --dist loadgroup
+    for item in items:
+        names = sorted(
+            {
+                str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                for m in item.iter_markers("xdist_group")
+            }
+        )
+        suffix = "@" + "_".join(names)
+        if not names or item.nodeid.endswith(suffix):
+            continue
+        node_id = getattr(item, "_id", None)
+        if node_id is not None and hasattr(node_id, "parse"):
+            item._id = type(node_id).parse(item.nodeid + suffix)
+        if not item.nodeid.endswith(suffix):
+            raise pytest.UsageError(
+                f"--dist loadgroup cannot group {item.nodeid} with this pytest and "
+                "pytest-xdist: see pytest_collection_modifyitems in tests/conftest.py"
+            )
+
+
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
     # Module scope, so that a module can share one daemon (``shared_daemon``); each

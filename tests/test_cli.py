@@ -546,7 +546,8 @@ def relayctl(
 
 
 def relayctl_bg(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    clean = operator_env()
+    # With faulthandler on, a relayctl that does not exit shows where it is (finish).
+    clean = operator_env() | {"PYTHONFAULTHANDLER": "1"}
     return subprocess.Popen(
         [str(RELAYCTL), *args],
         stdout=subprocess.PIPE,
@@ -562,9 +563,14 @@ def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
     try:
         out, err = proc.communicate(timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise
+        # SIGABRT: faulthandler prints every thread's stack to stderr, then it dies.
+        proc.send_signal(signal.SIGABRT)
+        try:
+            _, err = proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        pytest.fail(f"relayctl did not exit within {TIMEOUT} s; where it was:\n{err}")
     return proc.returncode, out or "", err or ""
 
 
