@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import json
 import os
 import signal
@@ -47,11 +49,31 @@ T = TypeVar("T")
 # --- loopback ports ---------------------------------------------------------------
 
 
+# Test ports come from below the kernel's range for outgoing connections (32768 and
+# up on Linux), each xdist worker from its own slice, without repeats until the
+# slice wraps. A port the kernel hands out (bind to 0) can be taken by any outgoing
+# connection between the test's check and the daemon's bind; the suite opens thousands.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 12000, 2500, 8
+
+
+@functools.cache
+def _port_candidates() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    first = PORT_BASE + (int(worker) if worker.isdigit() else 0) % PORT_SLICES * PORT_SLICE
+    return itertools.cycle(range(first, first + PORT_SLICE))
+
+
 def free_port() -> int:
-    """A loopback port that was free a moment ago (the config format forbids port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port that is free now and that no other test of this run is handed
+    (the config format forbids port 0)."""
+    for port in itertools.islice(_port_candidates(), PORT_SLICE):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free test port in a slice of {PORT_SLICE} from {PORT_BASE}")
 
 
 @contextlib.contextmanager
