@@ -27,6 +27,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -49,6 +50,9 @@ BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the broker's CONNACK
 KEEPALIVE = 30
 SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: power cut)
+# Messages moved from the tap into the spool per loop iteration: a burst is spooled
+# in slices, so one iteration never runs long while devices and clients wait.
+CHUNK = 2048
 
 _CORK = getattr(socket, "TCP_CORK", None)  # Linux
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -182,6 +186,9 @@ class MqttUplink:
         self._inflight: dict[int, int] = {}  # paho mid -> spool record id
         self._subscribed: dict[str, int] = {}  # downlink topic -> port
         self._pump_handle: asyncio.Handle | None = None
+        self._kick_handle: asyncio.Handle | None = None
+        self._incoming: deque[tuple[str, list[bytes]]] = deque()  # taken, not yet spooled
+        self._pending = 0  # messages in _incoming
         self._task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._connack: asyncio.Future[str | None] | None = None
@@ -193,16 +200,37 @@ class MqttUplink:
     # The tap (the hub calls it for every published batch)
 
     def publish(self, port: int, name: str | None, payloads: list[bytes]) -> None:
-        topic = self.topics.render(port, name)
-        append = self.spool.append
-        for payload in payloads:
-            append(topic, payload)
+        """Take a batch: a list append; the spool and the broker get it after the fan-out."""
+        self._incoming.append((self.topics.render(port, name), payloads))
+        self._pending += len(payloads)
+        if self._kick_handle is None:
+            self._kick_handle = self._loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        """Schedule the pump behind the hub's flush of this loop iteration.
+
+        The hub calls the tap before it schedules its own flush, so a pump
+        scheduled from the tap would run first: the WebSocket writes would wait
+        for the spool's write and the broker's. One more hop puts it after them.
+        """
+        self._kick_handle = None
         if self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
 
+    def _take(self, limit: int) -> None:
+        """Append up to about ``limit`` taken messages to the spool (whole batches)."""
+        incoming, append = self._incoming, self.spool.append
+        taken = 0
+        while incoming and taken < limit:
+            topic, payloads = incoming.popleft()
+            for payload in payloads:
+                append(topic, payload)
+            taken += len(payloads)
+        self._pending -= taken
+
     @property
     def spooled(self) -> int:
-        return self.spool.messages
+        return self.spool.messages + self._pending
 
     # Life
 
@@ -213,8 +241,11 @@ class MqttUplink:
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the broker to take what is spooled, then disconnect."""
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
+        for handle in (self._pump_handle, self._kick_handle):
+            if handle is not None:
+                handle.cancel()
+        self._kick_handle = None
+        self._take(self._pending)
         self._pump()
         if self.state == "connected" and self.spool.messages:
             self._idle.clear()
@@ -240,6 +271,10 @@ class MqttUplink:
         self._closing = True
         await self._stop_tasks()
         self._drop_client()
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick_handle = None
+        self._take(self._pending)
         self.spool.flush()
         return self.spool
 
@@ -442,7 +477,7 @@ class MqttUplink:
             return
         self.spool.ack(record)
         self.published += 1
-        if not self._inflight and not self.spool.messages:
+        if not self._inflight and not self.spool.messages and not self._pending:
             self._idle.set()
         if len(self._inflight) < self.window // 2 and self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
@@ -457,6 +492,10 @@ class MqttUplink:
     def _pump(self) -> None:
         self._pump_handle = None
         spool = self.spool
+        if self._incoming:
+            self._take(CHUNK)
+            if self._incoming:  # the rest in the next iteration
+                self._pump_handle = self._loop.call_soon(self._pump)
         spool.flush()
         client = self._client
         if self.state != "connected" or client is None:
@@ -471,7 +510,7 @@ class MqttUplink:
             if info.rc != 0:  # not connected any more: the spool is read again after reconnecting
                 return
             inflight[info.mid] = record.id
-        if not inflight and not spool.messages:
+        if not inflight and not spool.messages and not self._pending:
             self._idle.set()
 
     def resubscribe(self) -> None:
