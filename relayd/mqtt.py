@@ -8,12 +8,18 @@ acknowledged in the spool when the broker acknowledged it (QoS 1) or when it
 was written to the broker's socket (QoS 0). After a reconnect or a restart the
 spool is read again from its oldest unacknowledged message: at least once.
 
-Library: paho-mqtt (Debian ``python3-paho-mqtt``), run on relayd's own event
-loop through its socket callbacks (``loop_read``/``loop_write``/``loop_misc``),
-never with paho's threads. Only ``connect()`` (DNS, TCP, the TLS handshake,
-sending CONNECT) runs in a short-lived daemon thread: paho makes its socket
-itself, and a thread that is not the loop's default executor is never waited
-for at exit, so a broker that hangs cannot delay a stop.
+Library: paho-mqtt (Debian ``python3-paho-mqtt``) makes the connection: its
+``connect()`` (DNS, TCP, the TLS handshake, sending CONNECT) runs in a
+short-lived daemon thread (a thread that is not the loop's default executor is
+never waited for at exit, so a broker that hangs cannot delay a stop), and its
+socket callbacks on relayd's loop read the CONNACK. Then relayd speaks the
+session itself on that socket (relayd.mqttwire): a loop iteration's PUBLISH
+packets in one write, a read's PUBACKs in one pass, instead of paho's Python
+objects, lock and ``recv`` calls per message.
+
+The tap is a list append: the spool and the broker get a batch after the hub's
+WebSocket writes of that loop iteration, in slices (``CHUNK``), so the uplink
+adds as little as it can to the relay's latency.
 """
 
 from __future__ import annotations
@@ -34,16 +40,16 @@ from typing import Any, Literal, Protocol
 
 from relayd.config import MqttSettings
 from relayd.errors import ConfigError
+from relayd.mqttwire import Session
 from relayd.spool import Spool as DiskSpool
 from relayd.spool import SpoolError, SpoolRecord
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "install python3-paho-mqtt (or pip install 'relayd[mqtt]')"
-# Messages in flight to the broker. QoS 1: paho walks its whole in-flight table on
-# every PUBACK, so a small window is faster than a large one on any link where
-# 64 messages cover the round trip. QoS 0: how many are queued in paho per write.
-WINDOW_QOS1 = 64
+# Messages in flight to the broker: QoS 1, sent and not acknowledged (a PUBACK
+# costs the same whatever the window); QoS 0, written and not all in the kernel.
+WINDOW_QOS1 = 256
 WINDOW_QOS0 = 1024
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
@@ -54,8 +60,6 @@ SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: 
 # in slices, so one iteration never runs long while devices and clients wait.
 CHUNK = 2048
 
-_CORK = getattr(socket, "TCP_CORK", None)  # Linux
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
 
 State = Literal["off", "connecting", "connected"]
 
@@ -183,7 +187,7 @@ class MqttUplink:
         self.last_error: str | None = None
         self._loop = asyncio.get_running_loop()
         self._client: Any = None
-        self._inflight: dict[int, int] = {}  # paho mid -> spool record id
+        self._session: Session | None = None  # after CONNACK: relayd speaks MQTT itself
         self._subscribed: dict[str, int] = {}  # downlink topic -> port
         self._pump_handle: asyncio.Handle | None = None
         self._kick_handle: asyncio.Handle | None = None
@@ -330,7 +334,6 @@ class MqttUplink:
             clean_session=True,
             protocol=paho.MQTTv311,
         )
-        client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
         if self.settings.username is not None:
             client.username_pw_set(self.settings.username, self.password)
@@ -339,8 +342,6 @@ class MqttUplink:
         client.connect_timeout = self.connect_timeout
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
         self._client = client
         self._lost.clear()
         self._connack = connack = self._loop.create_future()
@@ -364,7 +365,7 @@ class MqttUplink:
             if client is not self._client:
                 raise ConnectionError("closed")
             sock = client.socket()
-            # Each write is corked and flushed whole (``_write``): no Nagle delay after it.
+            # Each write is one whole batch (relayd.mqttwire): no Nagle delay after it.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.on_socket_register_write = lambda c, u, s: self._loop.add_writer(s, self._write)
@@ -378,32 +379,60 @@ class MqttUplink:
         if refused is not None:
             self._failed(refused)
             return
+        self._take_over(client)
         if self.last_error is not None:
             logger.info("mqtt: connected to %s:%d", host, port)
         else:
             logger.info("mqtt: connected to %s:%d as %s", host, port, self.client_id)
         self.last_error = None
 
-    def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
+    def _take_over(self, client: Any) -> None:
+        """CONNACK came: paho is done, relayd speaks the session on its socket."""
+        self._release(client)
+        sock = client.socket()
+        if client is not self._client or sock is None or sock.fileno() < 0:
+            self._lost.set()
             return
+        self._session = Session(
+            sock,
+            qos=self.settings.qos,
+            retain=self.settings.retain,
+            keepalive=KEEPALIVE,
+            on_acked=self._acked,
+            on_message=self._on_message,
+            on_lost=self._session_lost,
+        )
+        self.resubscribe()
+        self._pump()
+
+    def _release(self, client: Any) -> None:
+        """paho stops using its socket: out of the selector, no callbacks, no timer."""
         handle = getattr(self, "_misc_handle", None)
         if handle is not None:
             handle.cancel()
         sock = client.socket()
         if sock is not None:
             self._forget(sock)
+        client.on_connect = None
         client.on_disconnect = None
         client.on_socket_close = None
         client.on_socket_register_write = None
         client.on_socket_unregister_write = None
-        with contextlib.suppress(Exception):
-            client.disconnect()
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()  # DISCONNECT, and paho's socket closed
+        if client is None:
+            return
+        self._release(client)
+        if session is None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
         with contextlib.suppress(Exception):
             if client.socket() is not None:
                 client.socket().close()
-        self._inflight.clear()
         self._subscribed.clear()
         self.spool.rewind()
 
@@ -413,32 +442,15 @@ class MqttUplink:
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
 
+    # paho's socket until CONNACK
+
     def _read(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        client.loop_read()
-        sock = client.socket()
-        if _QUICKACK is not None and sock is not None and sock.fileno() >= 0:
-            # ACK the broker's segments at once: a broker with Nagle on (mosquitto's
-            # default) holds its next PUBACKs until then, which stalls a QoS 1 window.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if self._client is not None and self._session is None:
+            self._client.loop_read()
 
     def _write(self) -> None:
-        """Write what paho queued; corked, so its one send() per packet leaves in full segments."""
-        client = self._client
-        if client is None:
-            return
-        sock = client.socket()
-        cork = _CORK is not None and sock is not None
-        if cork:
-            sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
-        try:
-            client.loop_write()
-        finally:
-            if cork and sock.fileno() >= 0:
-                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+        if self._client is not None and self._session is None:
+            self._client.loop_write()
 
     def _misc(self) -> None:
         client = self._client
@@ -457,10 +469,9 @@ class MqttUplink:
             self._lost.set()
             return
         self._set_state("connected")
+        self._release(client)  # nothing more for paho to read: relayd takes over (_take_over)
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(None)
-        self.resubscribe()
-        self._pump()
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -471,21 +482,30 @@ class MqttUplink:
             logger.warning("mqtt: lost the broker connection (%s); reconnecting", reason)
         self._lost.set()
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        record = self._inflight.pop(mid, None)
-        if record is None or client is not self._client:
-            return
-        self.spool.ack(record)
-        self.published += 1
-        if not self._inflight and not self.spool.messages and not self._pending:
+    # the session's callbacks
+
+    def _session_lost(self, reason: str) -> None:
+        if self.state == "connected":
+            logger.warning("mqtt: lost the broker connection (%s); reconnecting", reason)
+        self._lost.set()
+
+    def _acked(self, record_ids: list[int]) -> None:
+        """The broker has these (QoS 1: PUBACK; QoS 0: written to its socket)."""
+        ack = self.spool.ack
+        for record_id in record_ids:
+            ack(record_id)
+        self.published += len(record_ids)
+        session = self._session
+        in_flight = session.in_flight if session is not None else 0
+        if not in_flight and not self.spool.messages and not self._pending:
             self._idle.set()
-        if len(self._inflight) < self.window // 2 and self._pump_handle is None:
+        if in_flight < self.window // 2 and self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        port = self._subscribed.get(message.topic)
-        if port is not None and message.payload:
-            self._downlink(port, bytes(message.payload))
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        port = self._subscribed.get(topic)
+        if port is not None and payload:
+            self._downlink(port, payload)
 
     # Publishing from the spool
 
@@ -497,35 +517,29 @@ class MqttUplink:
             if self._incoming:  # the rest in the next iteration
                 self._pump_handle = self._loop.call_soon(self._pump)
         spool.flush()
-        client = self._client
-        if self.state != "connected" or client is None:
+        session = self._session
+        if session is None or session.closed:
             return
-        room = self.window - len(self._inflight)
-        if room <= 0:
-            return
-        qos, retain = self.settings.qos, self.settings.retain
-        inflight = self._inflight
-        for record in spool.read(room):
-            info = client.publish(record.topic, record.payload, qos, retain)
-            if info.rc != 0:  # not connected any more: the spool is read again after reconnecting
-                return
-            inflight[info.mid] = record.id
-        if not inflight and not spool.messages and not self._pending:
+        room = self.window - session.in_flight
+        if room > 0:
+            session.publish(spool.read(room))  # QoS 0: may be acked at once (_acked)
+        if not session.in_flight and not spool.messages and not self._pending:
             self._idle.set()
 
     def resubscribe(self) -> None:
         """Subscribe to the downlink topic of each port with downlink = true."""
-        client = self._client
-        if self.downlink_topics is None or client is None or self.state != "connected":
+        session = self._session
+        if self.downlink_topics is None or session is None or session.closed:
             return
         wanted = {
             self.downlink_topics.render(port, name): port for port, name in self._downlink_ports()
         }
-        for topic in set(self._subscribed) - set(wanted):
-            client.unsubscribe(topic)
-        new = [(topic, 1) for topic in wanted if topic not in self._subscribed]
+        gone = [topic for topic in self._subscribed if topic not in wanted]
+        if gone:
+            session.unsubscribe(gone)
+        new = [topic for topic in wanted if topic not in self._subscribed]
         if new:
-            client.subscribe(new)
+            session.subscribe(new, 1)
         self._subscribed = wanted
 
     def _set_state(self, state: State) -> None:
