@@ -23,6 +23,8 @@ import ssl
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from relayd.mqttsetup import failure_reason
+
 logger = logging.getLogger(__name__)
 
 PINGREQ = b"\xc0\x00"
@@ -158,7 +160,7 @@ class Session:
         except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             sent = 0
         except (OSError, ssl.SSLError) as exc:
-            self._lose(_reason(exc))
+            self._lose(failure_reason(exc))
             return
         self._out = data[sent:]
         if self._out:
@@ -191,7 +193,7 @@ class Session:
         except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass
         except (OSError, ssl.SSLError) as exc:
-            self._lose(_reason(exc))
+            self._lose(failure_reason(exc))
             return
         if _QUICKACK is not None:
             # ACK the broker's segments at once: a broker with Nagle on (mosquitto's
@@ -290,11 +292,3 @@ class Session:
 
 def _pending(sock: socket.socket) -> int:
     return sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
