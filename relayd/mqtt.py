@@ -149,11 +149,14 @@ class MqttUplink:
             self._pump_handle = self._loop.call_soon(self._pump)
 
     def _take(self, limit: int) -> None:
-        """Append up to about ``limit`` taken messages to the spool (whole batches)."""
+        """Append the first ``limit`` taken messages to the spool (a batch may be cut)."""
         incoming, append = self._incoming, self.spool.append
         taken = 0
         while incoming and taken < limit:
             topic, payloads = incoming.popleft()
+            if len(payloads) > limit - taken:
+                incoming.appendleft((topic, payloads[limit - taken :]))
+                payloads = payloads[: limit - taken]
             for payload in payloads:
                 append(topic, payload)
             taken += len(payloads)

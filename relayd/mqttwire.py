@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 PINGREQ = b"\xc0\x00"
 DISCONNECT = b"\xe0\x00"
 READ_SIZE = 256 * 1024
-MAX_PACKET = 1 << 20  # a bigger packet from the broker ends the session
+# A bigger packet from the broker is skipped, not buffered (relay.max_message is at
+# most 16 MiB, and a downlink write over it is refused anyway).
+MAX_PACKET = 16 * 1024 * 1024 + 65536
 _SHORT_LEN = [bytes((n,)) for n in range(128)]
 _MIDS = [n.to_bytes(2, "big") for n in range(65536)]
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -89,6 +91,7 @@ class Session:
         self.unsent: list[int] = []  # QoS 0: record ids whose bytes are not all sent
         self._mid = 0
         self._in = bytearray()
+        self._skip = 0  # bytes still to drop of a packet over MAX_PACKET
         self._out = b""
         self._writing = False
         self._last_read = self._loop.time()
@@ -206,6 +209,10 @@ class Session:
 
     def _parse(self) -> None:
         buf = self._in
+        if self._skip:
+            n = min(self._skip, len(buf))
+            del buf[:n]
+            self._skip -= n
         acked: list[int] = []
         inflight = self.inflight
         pos, end = 0, len(buf)
@@ -236,8 +243,13 @@ class Session:
             if length < 0:
                 break
             if length > MAX_PACKET:
-                self._lose("a packet over 1 MiB from the broker")
-                return
+                logger.warning("mqtt: skipped a packet of %d bytes from the broker", length)
+                self._skip = length - (end - i)  # (negative: all of it is here)
+                pos = min(end, i + length)
+                if self._skip > 0:
+                    break
+                self._skip = 0
+                continue
             if end - i < length:
                 break
             self._packet(kind, bytes(buf[i : i + length]))
