@@ -161,6 +161,23 @@ async def test_raw_messages_are_published_in_order(
         sub.close()
 
 
+async def test_messages_of_every_length_field_size_arrive_whole_in_order(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    sub = await subscribe(broker)
+    sizes = [1, 120, 121, 200, 16_370, 16_371, 20_000, 60_000]  # 1- to 3-byte lengths
+    lines = [bytes([97 + i]) * size for i, size in enumerate(sizes)]
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=mqtt_extra(broker.url)) as d:
+            await connected(d)
+            await send_lines(d.ports[0], lines)
+            got = await sub.wait_for(len(lines))
+            assert [p for _, p, _ in got] == lines
+            await wait_until(lambda: d.runtime.mqtt.published == len(lines))
+    finally:
+        sub.close()
+
+
 async def test_json_payload_is_the_envelope_and_retain(
     tmp_path: Path, notify: NotifySocket, broker: Mosquitto
 ) -> None:
@@ -456,8 +473,11 @@ async def test_mqtts_with_ca_file_and_a_wrong_ca_is_a_clear_tls_error(
         extra = mqtt_extra(b.url, ca_file=str(ca.cert))
         async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
             await connected(d)
-            await send_lines(d.ports[0], [b"secure"])
-            await wait_until(lambda: d.runtime.mqtt.published == 1)
+            # Many, some large: TLS records and PUBACKs spread over many reads.
+            lines = [b"secure"] + [b"%d " % i + b"s" * (i * 97 % 30_000) for i in range(600)]
+            await send_lines(d.ports[0], lines)
+            await wait_until(lambda: d.runtime.mqtt.published == 601, timeout=20_000 * MS)
+            assert d.runtime.mqtt.spooled == 0
         extra = mqtt_extra(b.url, ca_file=str(wrong.cert))
         async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
             await wait_until(lambda: d.runtime.mqtt.last_error is not None)
