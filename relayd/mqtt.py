@@ -166,6 +166,11 @@ class MqttUplink:
     def spooled(self) -> int:
         return self.spool.messages + self._pending
 
+    @property
+    def in_flight(self) -> int:
+        """Published and not yet acknowledged (QoS 0: not all written)."""
+        return self._session.in_flight if self._session is not None else 0
+
     # Life
 
     def start(self) -> None:

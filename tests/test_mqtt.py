@@ -248,6 +248,39 @@ async def test_broker_restart_mid_stream_loses_nothing(
         assert [p for _, p, _ in got] == [f"b{i}".encode() for i in range(100)]
 
 
+async def test_a_cut_mid_stream_publishes_again_what_was_in_flight(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    from tests.e2e.test_fleet import CuttableProxy
+
+    proxy = CuttableProxy(broker.port)
+    await proxy.allow()
+    sub = await subscribe(broker)
+    n = 30_000
+    lines = [b"c%05d" % i for i in range(n)]
+    extra = mqtt_extra(f"mqtt://127.0.0.1:{proxy.port}", qos=1)
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await connected(d)
+            await send_lines(d.ports[0], lines)
+            uplink = d.runtime.mqtt
+            await wait_until(lambda: uplink.published > 1000 and uplink.in_flight > 0)
+            await proxy.cut()  # with messages in flight: sent, not acknowledged
+            await wait_until(lambda: uplink.state == "connecting")
+            assert uplink.published < n
+            await proxy.allow()
+            await wait_until(lambda: uplink.published >= n and uplink.spooled == 0, 30_000 * MS)
+
+            def first_seen() -> list[bytes]:
+                return list(dict.fromkeys(p for _, p, _ in list(sub.messages)))
+
+            await wait_until(lambda: len(first_seen()) >= n, 30_000 * MS)
+        assert first_seen() == lines  # in order, duplicates allowed
+    finally:
+        sub.close()
+        await proxy.close()
+
+
 async def test_spooled_messages_survive_a_restart_of_relayd(
     tmp_path: Path, notify: NotifySocket
 ) -> None:
