@@ -1,7 +1,9 @@
 """The MQTT uplink (issue 15): publish rate, its cost under fanout50, spool rates.
 
     .venv/bin/python -m bench.mqtt [--quick] [--set fanout_s=5 ...] [--rt 0]
-        [--markdown bench/RESULTS.md] [--profile DIR]
+        [--markdown bench/RESULTS.md] [--profile DIR] [--only NAME,...] [--repeat N]
+
+``--repeat N``: fanout50 off and on N times, alternating; the table has the medians.
 
 One relayd per measurement (pinned to the first core, as in bench/run.py), a
 local Mosquitto and the generator on the other core:
