@@ -1,8 +1,8 @@
 """The MQTT uplink: every relayed message to a broker, through a disk spool (relayd(8), MQTT).
 
-The hub hands each published batch to ``MqttUplink.publish`` (the tap); it
-only appends the rendered topic and payload to the spool, a write-ahead log
-in ``<state-dir>/spool/``. Everything the broker gets is read back from the
+The hub hands each published batch to ``MqttUplink.publish`` (the tap); the
+rendered topic and the payloads go to the spool, a write-ahead log in
+``<state-dir>/spool/``. Everything the broker gets is read back from the
 spool, in order, a bounded window of messages in flight; a message is
 acknowledged in the spool when the broker acknowledged it (QoS 1) or when it
 was written to the broker's socket (QoS 0). After a reconnect or a restart the
