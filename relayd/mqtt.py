@@ -76,6 +76,9 @@ SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: 
 # Messages moved from the tap into the spool per loop iteration: a burst is spooled
 # in slices, so one iteration never runs long while devices and clients wait.
 CHUNK = 2048
+# Messages the tap may hold beyond that: a pump takes more when the devices send
+# faster than CHUNK per iteration, so this backlog stays bounded.
+BACKLOG = 8 * CHUNK
 
 State = Literal["off", "connecting", "connected"]
 
@@ -448,7 +451,7 @@ class MqttUplink:
         self._pump_handle = None
         spool = self.spool
         if self._incoming:
-            self._take(CHUNK)
+            self._take(max(CHUNK, self._pending - BACKLOG))
             if self._incoming:  # the rest in the next iteration
                 self._pump_handle = self._loop.call_soon(self._pump)
         spool.flush()

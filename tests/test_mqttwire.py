@@ -14,7 +14,7 @@ import pytest
 from relayd import mqttwire
 from relayd.config import MqttSettings
 from relayd.hub import Hub, Source
-from relayd.mqtt import CHUNK, MqttUplink
+from relayd.mqtt import BACKLOG, CHUNK, MqttUplink
 from relayd.mqttwire import Session
 from relayd.spool import Spool, SpoolRecord
 from tests.helpers import MS
@@ -279,4 +279,11 @@ async def test_the_tap_spools_after_the_fan_out_in_slices(tmp_path: Path) -> Non
     steps = [b - a for a, b in zip(seen, seen[1:], strict=False) if b != a]
     assert steps == [CHUNK, CHUNK, 10]  # in slices, one per iteration
     assert uplink.spooled == n
+    # Devices faster than a slice per iteration: the backlog stays bounded.
+    hub.publish(Source(8001, None, "x:1"), [b"f%d" % i for i in range(BACKLOG * 3)])
+    for _ in range(100):
+        await asyncio.sleep(0)  # one loop iteration
+        if spool.messages > n:
+            break
+    assert spool.messages == n + BACKLOG * 2 and uplink.spooled == n + BACKLOG * 3
     spool.close()
