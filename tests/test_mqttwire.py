@@ -89,11 +89,6 @@ def _size(packet: tuple[int, bytes]) -> int:
     return 1 + len(mqttwire.remaining_length(len(packet[1]))) + len(packet[1])
 
 
-@pytest.fixture
-def keepalive() -> float:
-    return 30.0
-
-
 async def make_broker(qos: int, retain: bool = False, keepalive: float = 30.0) -> Broker:
     ours, theirs = socket.socketpair()
     theirs.setblocking(False)
