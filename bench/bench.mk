@@ -76,8 +76,9 @@ bench-scale-profile: bench-deps
 
 # MQTT uplink (issue 15): publish rate at QoS 0/1 to a local Mosquitto, fanout50
 # with the uplink on vs off, spool write and replay rates; rewrites the
-# "MQTT uplink" section of bench/RESULTS.md (`BENCH_MQTT_ARGS=--quick`: ~1 min).
-BENCH_MQTT_ARGS ?=
+# "MQTT uplink" section of bench/RESULTS.md (~5 min; fanout50 off and on alternate,
+# medians of 3; `BENCH_MQTT_ARGS=--quick`: ~1 min; `--only fanout50_mqtt_off,fanout50_mqtt_on`).
+BENCH_MQTT_ARGS ?= --repeat 3
 .PHONY: bench-mqtt
 bench-mqtt: bench-deps
 	@command -v mosquitto >/dev/null && command -v mosquitto_sub >/dev/null || { \

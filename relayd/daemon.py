@@ -18,7 +18,7 @@ from pathlib import Path
 
 import uvicorn.config
 
-from relayd import __version__, mqtt, server
+from relayd import __version__, mqttsetup, server
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
 from relayd.errors import ConfigError
@@ -202,10 +202,10 @@ def check_mqtt(settings: Settings) -> None:
     the password file and the TLS files. The spool and the broker are left to the start."""
     if not settings.mqtt.enabled:
         return
-    mqtt.import_paho()
-    mqtt.read_password(settings.mqtt)
+    mqttsetup.import_paho()
+    mqttsetup.read_password(settings.mqtt)
     if settings.mqtt.address[2]:
-        mqtt.tls_context(settings.mqtt)
+        mqttsetup.tls_context(settings.mqtt)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,7 +152,7 @@ def _mqtt(runtime: Runtime) -> Iterator[Metric]:
     yield GaugeMetricFamily(
         "relayd_mqtt_spooled_messages",
         "Messages in the spool not yet acknowledged by or handed to the broker",
-        value=spool.messages if spool is not None else 0,
+        value=mqtt.spooled if mqtt is not None else 0,
     )
     yield GaugeMetricFamily(
         "relayd_mqtt_spool_bytes",

@@ -1,170 +1,88 @@
 """The MQTT uplink: every relayed message to a broker, through a disk spool (relayd(8), MQTT).
 
-The hub hands each published batch to ``MqttUplink.publish`` (the tap); it
-only appends the rendered topic and payload to the spool, a write-ahead log
-in ``<state-dir>/spool/``. Everything the broker gets is read back from the
+The hub hands each published batch to ``MqttUplink.publish`` (the tap); the
+rendered topic and the payloads go to the spool, a write-ahead log in
+``<state-dir>/spool/``. Everything the broker gets is read back from the
 spool, in order, a bounded window of messages in flight; a message is
 acknowledged in the spool when the broker acknowledged it (QoS 1) or when it
 was written to the broker's socket (QoS 0). After a reconnect or a restart the
 spool is read again from its oldest unacknowledged message: at least once.
 
-Library: paho-mqtt (Debian ``python3-paho-mqtt``), run on relayd's own event
-loop through its socket callbacks (``loop_read``/``loop_write``/``loop_misc``),
-never with paho's threads. Only ``connect()`` (DNS, TCP, the TLS handshake,
-sending CONNECT) runs in a short-lived daemon thread: paho makes its socket
-itself, and a thread that is not the loop's default executor is never waited
-for at exit, so a broker that hangs cannot delay a stop.
+Library: paho-mqtt (Debian ``python3-paho-mqtt``) makes the connection: its
+``connect()`` (DNS, TCP, the TLS handshake, sending CONNECT) runs in a
+short-lived daemon thread (a thread that is not the loop's default executor is
+never waited for at exit, so a broker that hangs cannot delay a stop), and its
+socket callbacks on relayd's loop read the CONNACK. Then relayd speaks the
+session itself on that socket (relayd.mqttwire): a loop iteration's PUBLISH
+packets in one write, a read's PUBACKs in one pass, instead of paho's Python
+objects, lock and ``recv`` calls per message.
+
+The tap is a list append: the spool and the broker get a batch after the hub's
+WebSocket writes of that loop iteration, in slices (``CHUNK``), so the uplink
+adds as little as it can to the relay's latency.
 """
 
 from __future__ import annotations
 
 import asyncio
-import builtins
 import contextlib
-import hashlib
 import logging
-import os
 import random
 import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 from relayd.config import MqttSettings
-from relayd.errors import ConfigError
-from relayd.spool import Spool as DiskSpool
-from relayd.spool import SpoolError, SpoolRecord
+from relayd.mqttsetup import (
+    INSTALL_HINT,
+    Spool,
+    Topics,
+    close_sockets,
+    failure_reason,
+    files_digest,
+    import_paho,
+    open_spool,
+    read_password,
+    short_hostname,
+    tls_context,
+)
+from relayd.mqttwire import Session
+
+__all__ = [
+    "INSTALL_HINT",
+    "MqttUplink",
+    "Spool",
+    "Topics",
+    "files_digest",
+    "import_paho",
+    "open_spool",
+    "read_password",
+    "short_hostname",
+]
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "install python3-paho-mqtt (or pip install 'relayd[mqtt]')"
-# Messages in flight to the broker. QoS 1: paho walks its whole in-flight table on
-# every PUBACK, so a small window is faster than a large one on any link where
-# 64 messages cover the round trip. QoS 0: how many are queued in paho per write.
-WINDOW_QOS1 = 64
+# Messages in flight to the broker: QoS 1, sent and not acknowledged (a PUBACK
+# costs the same whatever the window); QoS 0, written and not all in the kernel.
+WINDOW_QOS1 = 256
 WINDOW_QOS0 = 1024
 BACKOFF_FIRST = 0.5
 BACKOFF_MAX = 30.0
 CONNECT_TIMEOUT = 10.0  # seconds for TCP, TLS and the broker's CONNACK
 KEEPALIVE = 30
-MAX_FILE_BYTES = 1 << 20  # read of a password or TLS file to see whether it changed
 SYNC_INTERVAL = 1.0  # seconds between fdatasync of the spool (relayd(8), MQTT: power cut)
-
-_CORK = getattr(socket, "TCP_CORK", None)  # Linux
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+# Messages moved from the tap into the spool per loop iteration: a burst is spooled
+# in slices, so one iteration never runs long while devices and clients wait.
+CHUNK = 2048
+# Messages the tap may hold beyond that: a pump takes more when the devices send
+# faster than CHUNK per iteration, so this backlog stays bounded.
+BACKLOG = 8 * CHUNK
 
 State = Literal["off", "connecting", "connected"]
-
-
-class Spool(Protocol):
-    """What the uplink needs of the spool (relayd.spool)."""
-
-    @property
-    def messages(self) -> int: ...
-    @property
-    def bytes(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
-    def append(self, topic: str, payload: builtins.bytes) -> None: ...
-    def flush(self) -> None: ...
-    def read(self, max_records: int) -> list[SpoolRecord]: ...
-    def rewind(self) -> None: ...
-    def ack(self, record_id: int) -> None: ...
-    async def sync(self) -> None: ...
-    def close(self) -> None: ...
-
-
-def open_spool(directory: Path, max_bytes: int) -> Spool:
-    """The disk spool; ConfigError (exit 78) when its directory is unusable."""
-    try:
-        return DiskSpool.open(directory, max_bytes=max_bytes)
-    except SpoolError as exc:
-        raise ConfigError([f"[mqtt] spool: {exc}"]) from None
-
-
-def import_paho() -> Any:
-    """paho's client module; ConfigError with the install hint when it is missing."""
-    try:
-        import paho.mqtt.client as client
-    except ImportError:
-        raise ConfigError(
-            [f"[mqtt] is configured but paho-mqtt is missing: {INSTALL_HINT}"]
-        ) from None
-    return client
-
-
-def short_hostname() -> str:
-    return socket.gethostname().split(".")[0] or "localhost"
-
-
-def read_password(settings: MqttSettings) -> str | None:
-    if settings.password_file is None:
-        return None
-    try:
-        text = Path(settings.password_file).read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or "not readable text"
-        raise ConfigError(
-            [f"mqtt.password_file: cannot read {settings.password_file}: {reason}"]
-        ) from None
-    return text
-
-
-def files_digest(settings: MqttSettings) -> bytes:
-    """What ``password_file``, ``ca_file``, ``cert_file`` and ``key_file`` hold now.
-
-    A reload compares it with what the running client was made from (relayd.toml(5):
-    the files are read at each reload). An unreadable file counts as changed; making
-    the client then gives the error.
-    """
-    digest = hashlib.sha256()
-    for path in (settings.password_file, settings.ca_file, settings.cert_file, settings.key_file):
-        digest.update(b"\0")
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    digest.update(f.read(MAX_FILE_BYTES))
-            except OSError:
-                digest.update(os.urandom(16))
-    return digest.digest()
-
-
-def tls_context(settings: MqttSettings) -> ssl.SSLContext:
-    try:
-        context = ssl.create_default_context(cafile=settings.ca_file)
-        if settings.cert_file is not None:
-            context.load_cert_chain(settings.cert_file, settings.key_file)
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError([f"[mqtt] TLS files: {reason}"]) from None
-    return context
-
-
-def _topic_part(value: str) -> str:
-    """A port name inside a topic: no level separator, no wildcard."""
-    return value.replace("/", "_").replace("+", "_").replace("#", "_")
-
-
-class Topics:
-    """The rendered topics of each port (``{hostname}``, ``{port}``, ``{name}``)."""
-
-    def __init__(self, template: str, hostname: str) -> None:
-        self.template = template
-        self.hostname = hostname
-        self._cache: dict[tuple[int, str | None], str] = {}
-
-    def render(self, port: int, name: str | None) -> str:
-        key = (port, name)
-        topic = self._cache.get(key)
-        if topic is None:
-            topic = self.template.format(
-                hostname=self.hostname, port=port, name=_topic_part(name or str(port))
-            )
-            self._cache[key] = topic
-        return topic
 
 
 class MqttUplink:
@@ -201,9 +119,12 @@ class MqttUplink:
         self.last_error: str | None = None
         self._loop = asyncio.get_running_loop()
         self._client: Any = None
-        self._inflight: dict[int, int] = {}  # paho mid -> spool record id
+        self._session: Session | None = None  # after CONNACK: relayd speaks MQTT itself
         self._subscribed: dict[str, int] = {}  # downlink topic -> port
         self._pump_handle: asyncio.Handle | None = None
+        self._kick_handle: asyncio.Handle | None = None
+        self._incoming: deque[tuple[str, list[bytes]]] = deque()  # taken, not yet spooled
+        self._pending = 0  # messages in _incoming
         self._task: asyncio.Task[None] | None = None
         self._sync_task: asyncio.Task[None] | None = None
         self._connack: asyncio.Future[str | None] | None = None
@@ -215,16 +136,45 @@ class MqttUplink:
     # The tap (the hub calls it for every published batch)
 
     def publish(self, port: int, name: str | None, payloads: list[bytes]) -> None:
-        topic = self.topics.render(port, name)
-        append = self.spool.append
-        for payload in payloads:
-            append(topic, payload)
+        """Take a batch: a list append; the spool and the broker get it after the fan-out."""
+        self._incoming.append((self.topics.render(port, name), payloads))
+        self._pending += len(payloads)
+        if self._kick_handle is None:
+            self._kick_handle = self._loop.call_soon(self._kick)
+
+    def _kick(self) -> None:
+        """Schedule the pump behind the hub's flush of this loop iteration.
+
+        The hub calls the tap before it schedules its own flush, so a pump
+        scheduled from the tap would run first: the WebSocket writes would wait
+        for the spool's write and the broker's. One more hop puts it after them.
+        """
+        self._kick_handle = None
         if self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
 
+    def _take(self, limit: int) -> None:
+        """Append the first ``limit`` taken messages to the spool (a batch may be cut)."""
+        incoming, append = self._incoming, self.spool.append
+        taken = 0
+        while incoming and taken < limit:
+            topic, payloads = incoming.popleft()
+            if len(payloads) > limit - taken:
+                incoming.appendleft((topic, payloads[limit - taken :]))
+                payloads = payloads[: limit - taken]
+            for payload in payloads:
+                append(topic, payload)
+            taken += len(payloads)
+        self._pending -= taken
+
     @property
     def spooled(self) -> int:
-        return self.spool.messages
+        return self.spool.messages + self._pending
+
+    @property
+    def in_flight(self) -> int:
+        """Published and not yet acknowledged (QoS 0: not all written)."""
+        return self._session.in_flight if self._session is not None else 0
 
     # Life
 
@@ -235,8 +185,11 @@ class MqttUplink:
 
     async def close(self, timeout: float) -> None:
         """Wait up to ``timeout`` for the broker to take what is spooled, then disconnect."""
-        if self._pump_handle is not None:
-            self._pump_handle.cancel()
+        for handle in (self._pump_handle, self._kick_handle):
+            if handle is not None:
+                handle.cancel()
+        self._kick_handle = None
+        self._take(self._pending)
         self._pump()
         if self.state == "connected" and self.spool.messages:
             self._idle.clear()
@@ -262,6 +215,10 @@ class MqttUplink:
         self._closing = True
         await self._stop_tasks()
         self._drop_client()
+        if self._kick_handle is not None:
+            self._kick_handle.cancel()
+            self._kick_handle = None
+        self._take(self._pending)
         self.spool.flush()
         return self.spool
 
@@ -290,7 +247,7 @@ class MqttUplink:
             try:
                 await self._connect()
             except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
-                self._failed(_reason(exc))
+                self._failed(failure_reason(exc))
             else:
                 if self.state == "connected":
                     delay = BACKOFF_FIRST
@@ -317,7 +274,6 @@ class MqttUplink:
             clean_session=True,
             protocol=paho.MQTTv311,
         )
-        client.max_inflight_messages_set(self.window)
         client.max_queued_messages_set(0)
         if self.settings.username is not None:
             client.username_pw_set(self.settings.username, self.password)
@@ -326,8 +282,6 @@ class MqttUplink:
         client.connect_timeout = self.connect_timeout
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
-        client.on_message = self._on_message
         self._client = client
         self._lost.clear()
         self._connack = connack = self._loop.create_future()
@@ -338,7 +292,7 @@ class MqttUplink:
                 client.connect(host, port, keepalive=KEEPALIVE)
                 result: BaseException | None = None
             except BaseException as exc:  # handed to the loop below
-                _close_sockets(exc)
+                close_sockets(exc)
                 result = exc
             with contextlib.suppress(RuntimeError):  # the loop is gone: relayd exited
                 self._loop.call_soon_threadsafe(_settle, done, result)
@@ -351,7 +305,7 @@ class MqttUplink:
             if client is not self._client:
                 raise ConnectionError("closed")
             sock = client.socket()
-            # Each write is corked and flushed whole (``_write``): no Nagle delay after it.
+            # Each write is one whole batch (relayd.mqttwire): no Nagle delay after it.
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             client.on_socket_register_write = lambda c, u, s: self._loop.add_writer(s, self._write)
@@ -365,32 +319,60 @@ class MqttUplink:
         if refused is not None:
             self._failed(refused)
             return
+        self._take_over(client)
         if self.last_error is not None:
             logger.info("mqtt: connected to %s:%d", host, port)
         else:
             logger.info("mqtt: connected to %s:%d as %s", host, port, self.client_id)
         self.last_error = None
 
-    def _drop_client(self) -> None:
-        client, self._client = self._client, None
-        if client is None:
+    def _take_over(self, client: Any) -> None:
+        """CONNACK came: paho is done, relayd speaks the session on its socket."""
+        self._release(client)
+        sock = client.socket()
+        if client is not self._client or sock is None or sock.fileno() < 0:
+            self._lost.set()
             return
+        self._session = Session(
+            sock,
+            qos=self.settings.qos,
+            retain=self.settings.retain,
+            keepalive=KEEPALIVE,
+            on_acked=self._acked,
+            on_message=self._on_message,
+            on_lost=self._session_lost,
+        )
+        self.resubscribe()
+        self._pump()
+
+    def _release(self, client: Any) -> None:
+        """paho stops using its socket: out of the selector, no callbacks, no timer."""
         handle = getattr(self, "_misc_handle", None)
         if handle is not None:
             handle.cancel()
         sock = client.socket()
         if sock is not None:
             self._forget(sock)
+        client.on_connect = None
         client.on_disconnect = None
         client.on_socket_close = None
         client.on_socket_register_write = None
         client.on_socket_unregister_write = None
-        with contextlib.suppress(Exception):
-            client.disconnect()
+
+    def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()  # DISCONNECT, and paho's socket closed
+        if client is None:
+            return
+        self._release(client)
+        if session is None:
+            with contextlib.suppress(Exception):
+                client.disconnect()
         with contextlib.suppress(Exception):
             if client.socket() is not None:
                 client.socket().close()
-        self._inflight.clear()
         self._subscribed.clear()
         self.spool.rewind()
 
@@ -400,32 +382,15 @@ class MqttUplink:
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
 
+    # paho's socket until CONNACK
+
     def _read(self) -> None:
-        client = self._client
-        if client is None:
-            return
-        client.loop_read()
-        sock = client.socket()
-        if _QUICKACK is not None and sock is not None and sock.fileno() >= 0:
-            # ACK the broker's segments at once: a broker with Nagle on (mosquitto's
-            # default) holds its next PUBACKs until then, which stalls a QoS 1 window.
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if self._client is not None and self._session is None:
+            self._client.loop_read()
 
     def _write(self) -> None:
-        """Write what paho queued; corked, so its one send() per packet leaves in full segments."""
-        client = self._client
-        if client is None:
-            return
-        sock = client.socket()
-        cork = _CORK is not None and sock is not None
-        if cork:
-            sock.setsockopt(socket.IPPROTO_TCP, _CORK, 1)
-        try:
-            client.loop_write()
-        finally:
-            if cork and sock.fileno() >= 0:
-                sock.setsockopt(socket.IPPROTO_TCP, _CORK, 0)
+        if self._client is not None and self._session is None:
+            self._client.loop_write()
 
     def _misc(self) -> None:
         client = self._client
@@ -444,10 +409,9 @@ class MqttUplink:
             self._lost.set()
             return
         self._set_state("connected")
+        self._release(client)  # nothing more for paho to read: relayd takes over (_take_over)
         if self._connack is not None and not self._connack.done():
             self._connack.set_result(None)
-        self.resubscribe()
-        self._pump()
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -458,57 +422,64 @@ class MqttUplink:
             logger.warning("mqtt: lost the broker connection (%s); reconnecting", reason)
         self._lost.set()
 
-    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        record = self._inflight.pop(mid, None)
-        if record is None or client is not self._client:
-            return
-        self.spool.ack(record)
-        self.published += 1
-        if not self._inflight and not self.spool.messages:
+    # the session's callbacks
+
+    def _session_lost(self, reason: str) -> None:
+        if self.state == "connected":
+            logger.warning("mqtt: lost the broker connection (%s); reconnecting", reason)
+        self._lost.set()
+
+    def _acked(self, record_ids: list[int]) -> None:
+        """The broker has these (QoS 1: PUBACK; QoS 0: written to its socket)."""
+        ack = self.spool.ack
+        for record_id in record_ids:
+            ack(record_id)
+        self.published += len(record_ids)
+        session = self._session
+        in_flight = session.in_flight if session is not None else 0
+        if not in_flight and not self.spool.messages and not self._pending:
             self._idle.set()
-        if len(self._inflight) < self.window // 2 and self._pump_handle is None:
+        if in_flight < self.window // 2 and self._pump_handle is None:
             self._pump_handle = self._loop.call_soon(self._pump)
 
-    def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
-        port = self._subscribed.get(message.topic)
-        if port is not None and message.payload:
-            self._downlink(port, bytes(message.payload))
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        port = self._subscribed.get(topic)
+        if port is not None and payload:
+            self._downlink(port, payload)
 
     # Publishing from the spool
 
     def _pump(self) -> None:
         self._pump_handle = None
         spool = self.spool
+        if self._incoming:
+            self._take(max(CHUNK, self._pending - BACKLOG))
+            if self._incoming:  # the rest in the next iteration
+                self._pump_handle = self._loop.call_soon(self._pump)
         spool.flush()
-        client = self._client
-        if self.state != "connected" or client is None:
+        session = self._session
+        if session is None or session.closed:
             return
-        room = self.window - len(self._inflight)
-        if room <= 0:
-            return
-        qos, retain = self.settings.qos, self.settings.retain
-        inflight = self._inflight
-        for record in spool.read(room):
-            info = client.publish(record.topic, record.payload, qos, retain)
-            if info.rc != 0:  # not connected any more: the spool is read again after reconnecting
-                return
-            inflight[info.mid] = record.id
-        if not inflight and not spool.messages:
+        room = self.window - session.in_flight
+        if room > 0:
+            session.publish(spool.read(room))  # QoS 0: may be acked at once (_acked)
+        if not session.in_flight and not spool.messages and not self._pending:
             self._idle.set()
 
     def resubscribe(self) -> None:
         """Subscribe to the downlink topic of each port with downlink = true."""
-        client = self._client
-        if self.downlink_topics is None or client is None or self.state != "connected":
+        session = self._session
+        if self.downlink_topics is None or session is None or session.closed:
             return
         wanted = {
             self.downlink_topics.render(port, name): port for port, name in self._downlink_ports()
         }
-        for topic in set(self._subscribed) - set(wanted):
-            client.unsubscribe(topic)
-        new = [(topic, 1) for topic in wanted if topic not in self._subscribed]
+        gone = [topic for topic in self._subscribed if topic not in wanted]
+        if gone:
+            session.unsubscribe(gone)
+        new = [topic for topic in wanted if topic not in self._subscribed]
         if new:
-            client.subscribe(new)
+            session.subscribe(new, 1)
         self._subscribed = wanted
 
     def _set_state(self, state: State) -> None:
@@ -520,30 +491,3 @@ class MqttUplink:
 def _settle(future: asyncio.Future[BaseException | None], result: BaseException | None) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _close_sockets(exc: BaseException) -> None:
-    """Close the sockets a failed ``connect()`` left open.
-
-    paho (2.1, 2.2) does not close its TLS socket when the handshake fails; it
-    is still referenced by the traceback's frames, so close it there rather
-    than leave it to the garbage collector (a descriptor held per attempt).
-    """
-    tb = exc.__traceback__
-    while tb is not None:
-        for value in list(tb.tb_frame.f_locals.values()):
-            if isinstance(value, socket.socket):
-                value.close()
-        tb = tb.tb_next
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: certificate verify failed: {exc.verify_message or exc.reason}"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS: {exc.reason or exc}"
-    if isinstance(exc, TimeoutError):
-        return "no answer to CONNECT in time (connect timeout)"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__

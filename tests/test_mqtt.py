@@ -172,6 +172,23 @@ async def test_raw_messages_are_published_in_order(
         sub.close()
 
 
+async def test_messages_of_every_length_field_size_arrive_whole_in_order(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    sub = await subscribe(broker)
+    sizes = [1, 120, 121, 200, 16_370, 16_371, 20_000, 60_000]  # 1- to 3-byte lengths
+    lines = [bytes([97 + i]) * size for i, size in enumerate(sizes)]
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=mqtt_extra(broker.url)) as d:
+            await connected(d)
+            await send_lines(d.ports[0], lines)
+            got = await sub.wait_for(len(lines))
+            assert [p for _, p, _ in got] == lines
+            await wait_until(lambda: d.runtime.mqtt.published == len(lines))
+    finally:
+        sub.close()
+
+
 async def test_json_payload_is_the_envelope_and_retain(
     tmp_path: Path, notify: NotifySocket, broker: Mosquitto
 ) -> None:
@@ -240,6 +257,39 @@ async def test_broker_restart_mid_stream_loses_nothing(
         finally:
             sub.close()
         assert [p for _, p, _ in got] == [f"b{i}".encode() for i in range(100)]
+
+
+async def test_a_cut_mid_stream_publishes_again_what_was_in_flight(
+    tmp_path: Path, notify: NotifySocket, broker: Mosquitto
+) -> None:
+    from tests.e2e.test_fleet import CuttableProxy
+
+    proxy = CuttableProxy(broker.port)
+    await proxy.allow()
+    sub = await subscribe(broker)
+    n = 30_000
+    lines = [b"c%05d" % i for i in range(n)]
+    extra = mqtt_extra(f"mqtt://127.0.0.1:{proxy.port}", qos=1)
+    try:
+        async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
+            await connected(d)
+            await send_lines(d.ports[0], lines)
+            uplink = d.runtime.mqtt
+            await wait_until(lambda: uplink.published > 1000 and uplink.in_flight > 0)
+            await proxy.cut()  # with messages in flight: sent, not acknowledged
+            await wait_until(lambda: uplink.state == "connecting")
+            assert uplink.published < n
+            await proxy.allow()
+            await wait_until(lambda: uplink.published >= n and uplink.spooled == 0, 30_000 * MS)
+
+            def first_seen() -> list[bytes]:
+                return list(dict.fromkeys(p for _, p, _ in list(sub.messages)))
+
+            await wait_until(lambda: len(first_seen()) >= n, 30_000 * MS)
+        assert first_seen() == lines  # in order, duplicates allowed
+    finally:
+        sub.close()
+        await proxy.close()
 
 
 async def test_spooled_messages_survive_a_restart_of_relayd(
@@ -490,8 +540,11 @@ async def test_mqtts_with_ca_file_and_a_wrong_ca_is_a_clear_tls_error(
         extra = mqtt_extra(b.url, ca_file=str(ca.cert))
         async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
             await connected(d)
-            await send_lines(d.ports[0], [b"secure"])
-            await wait_until(lambda: d.runtime.mqtt.published == 1)
+            # Many, some large: TLS records and PUBACKs spread over many reads.
+            lines = [b"secure"] + [b"%d " % i + b"s" * (i * 97 % 30_000) for i in range(600)]
+            await send_lines(d.ports[0], lines)
+            await wait_until(lambda: d.runtime.mqtt.published == 601, timeout=20_000 * MS)
+            assert d.runtime.mqtt.spooled == 0
         extra = mqtt_extra(b.url, ca_file=str(wrong.cert))
         async with run_daemon(tmp_path, notify, nports=1, extra=extra) as d:
             await wait_until(lambda: d.runtime.mqtt.last_error is not None)
