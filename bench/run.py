@@ -175,6 +175,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("command_errors", "0", _le("command_errors", 0)),
         ("cmd_p50_ms", "", None),
         ("cmd_p99_ms", "", None),
+        ("ack_p99_ms", "", None),
     ],
     "downlink50": [
         ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
@@ -183,6 +184,8 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("p99_ms", "", None),
         ("cmd_p50_ms", "", None),
         ("cmd_max_ms", "", None),
+        ("ack_p50_ms", "", None),
+        ("ack_p99_ms", "", None),
         ("commands_sent", "", None),
         ("command_errors", "0", _le("command_errors", 0)),
         ("commands_unanswered", "0", _le("commands_unanswered", 0)),
@@ -191,6 +194,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("lost", "0", _le("lost", 0)),
         ("relay_cpu_pct", "", None),
         ("gen_cpu_pct", "", None),
+        ("gen_core_other_pct", "", None),
     ],
     "slow": [
         ("healthy_ratio", "≥ 0.99", _ge("healthy_ratio", 0.99)),
