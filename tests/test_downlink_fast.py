@@ -9,10 +9,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from relayd import listeners
+from relayd import downlink, listeners
 from relayd.auth import Grant
-from tests.helpers import MS, WS_HANDSHAKE, NotifySocket, free_port, run_daemon, wait_until
+from relayd.downlink import Command, parse_command
+from tests.helpers import (
+    MS,
+    WS_HANDSHAKE,
+    NotifySocket,
+    examples,
+    free_port,
+    run_daemon,
+    wait_until,
+)
 from tests.test_downlink import connected, device, downlink_ports, read_exactly
 
 pytestmark = pytest.mark.anyio
@@ -157,3 +168,47 @@ async def test_after_a_fragment_websockets_judges_the_frames_that_follow(
         ws_writer.close()
     assert refused == {"error": "fragmented messages are not accepted", "id": None}
     assert head[0] == 0x88 and int.from_bytes(close[:2], "big") == 1002, close
+
+
+def test_the_usual_commands_read_without_the_json_decoder_are_what_it_reads() -> None:
+    usual = [
+        b'{"port": 8001, "data": "T"}',
+        b'{"port":8001,"data":"T","id":7}',
+        b'{"port": 65535, "data": "", "id": -0}',
+        b'{"port": 1, "data": " !#[]~", "id": 123456789012345678}',
+    ]
+    for raw in usual:
+        assert downlink._USUAL.fullmatch(raw), raw  # the quick path takes them
+        assert parse_command(raw) == downlink._parse_json(raw), raw
+    assert parse_command(usual[1]) == Command(8001, b"T", id=7)
+    for raw in (  # near misses: the JSON decoder says what they are
+        b'{"port": 65536, "data": "T"}',
+        b'{"port": 08001, "data": "T"}',
+        b'{"port": 8001, "data": "T\\n"}',
+        b'{"port": 8001, "data": "\xc3\xa9"}',
+        b'{"port": 8001, "data": "T", "id": 1234567890123456789}',
+        b'{"port": 8001, "data": "T", "id": 1.5}',
+        b'{"port": 8001,  "data": "T"}',
+        b'{"data": "T", "port": 8001}',
+    ):
+        assert parse_command(raw) == downlink._parse_json(raw), raw
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    port=st.integers(-1, 70_000),
+    data=st.text(max_size=20),
+    ident=st.one_of(st.none(), st.integers(-(10**19), 10**19)),
+    compact=st.booleans(),
+    cut=st.integers(0, 60),
+)
+def test_any_command_reads_as_the_json_decoder_reads_it(
+    port: int, data: str, ident: int | None, compact: bool, cut: int
+) -> None:
+    message: dict[str, Any] = {"port": port, "data": data}
+    if ident is not None:
+        message["id"] = ident
+    separators = (",", ":") if compact else (", ", ": ")
+    raw = json.dumps(message, separators=separators).encode()
+    for text in (raw, raw[:cut] + raw[cut + 1 :]):  # and with a byte missing
+        assert parse_command(text) == downlink._parse_json(text), text
