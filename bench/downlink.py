@@ -86,6 +86,13 @@ class CommandDevice(lg.Producer):
                     lat.over.append(d)
 
 
+def _user_sys_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of process ``pid`` (its main thread's and its reaped threads')."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def _command_port(r: Relay) -> int:
     with urllib.request.urlopen(f"http://{r.host}:{r.ws_port}/status.json", timeout=5) as resp:
         ports = [p["port"] for p in json.load(resp)["ports"]]
@@ -186,6 +193,8 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     base = await fanout(r, P, hooks, P.fanout_clients[0])
     out: dict[str, Any] = {
         "uplink_p99_base_ms": base.get("p99_ms"),
+        "relay_cpu_pct_base": base.get("relay_cpu_pct"),  # fanout50 alone
+        "gen_cpu_pct_base": base.get("gen_cpu_pct"),
         "downlink_clients": CLIENTS,
         "downlink_rate": RATE,
     }
@@ -289,6 +298,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         await _all_connected(url, r.tcp_port, P.fanout_devices)
         probes = sum(d.read for d in devices)
         cpu0 = cpu_seconds(r.proc.pid)
+        user0, sys0 = _user_sys_seconds(r.proc.pid)
         start = time.monotonic() + 0.05
         await hooks.opened(r, "downlink_cost", P.fanout_s)  # --profile: py-spy from here
         lat.on = True
@@ -306,6 +316,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         else:
             raise TimeoutError("the devices did not read every command in 30 s")
         cpu = cpu_seconds(r.proc.pid) - cpu0
+        user1, sys1 = _user_sys_seconds(r.proc.pid)
     finally:
         for dev in devices:
             dev.close_now()
@@ -318,6 +329,9 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         "command_errors": n.errors,
         "relay_cpu_s": round(cpu, 3),
         "relay_cpu_us_per_command": round(cpu / n.sent * 1e6, 1) if n.sent else None,
+        # of which in the kernel (system calls: reads, acks, device writes, epoll)
+        "relay_sys_us_per_command": round((sys1 - sys0) / n.sent * 1e6, 1) if n.sent else None,
+        "relay_user_us_per_command": round((user1 - user0) / n.sent * 1e6, 1) if n.sent else None,
         "cmd_p50_ms": lg._r(lat.percentile(0.5)),
         "cmd_p99_ms": lg._r(lat.percentile(0.99)),
         **n.ack_summary(),

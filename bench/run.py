@@ -171,6 +171,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
     ],
     "downlink_cost": [
         ("relay_cpu_us_per_command", "", None),
+        ("relay_sys_us_per_command", "", None),
         ("commands_sent", "", None),
         ("command_errors", "0", _le("command_errors", 0)),
         ("cmd_p50_ms", "", None),
@@ -193,6 +194,7 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("device_reads_expected", "", None),
         ("lost", "0", _le("lost", 0)),
         ("relay_cpu_pct", "", None),
+        ("relay_cpu_pct_base", "", None),
         ("gen_cpu_pct", "", None),
         ("gen_core_other_pct", "", None),
     ],
