@@ -40,7 +40,7 @@ KEEPALIVE_COUNT = 3
 CLOSE_GRACE = 1.0  # seconds closed connections get to report connection_lost (port removal)
 # Downlink writes to one device go to its transport at most this often (seconds):
 # one system call per device per interval however many commands (relayd(8), DOWNLINK).
-OUTBOX_INTERVAL = 0.002  # 1 ms: 1.45x the CPU per command at 5,000 commands/s (bench/RESULTS.md)
+OUTBOX_INTERVAL = 0.002  # half the device writes of 1 ms under load (bench/RESULTS.md)
 
 Origin = Literal["config", "runtime"]
 SourceKind = Literal["listen", "connect", "serial"]
