@@ -4,9 +4,12 @@
 
 Runs ``COUNT`` WebSocket clients (ids ``FIRST`` …) in this process, on
 connections subscribed to ``CMD_PORT`` (device-less: no fan-out of their own).
-Once they are open it prints ``ready`` and reads ``START UNTIL`` (monotonic
+Once they are open it prints ``ready`` and reads ``START UNTIL FROM`` (monotonic
 seconds, shared by every process of the machine) from stdin; then each client
 sends ``RATE`` JSON commands/s to port ``DEV_PORT`` from ``START`` to ``UNTIL``.
+Sampled commands sent from ``FROM`` on have their send time as ``id`` too: the
+ack that relayd writes while it handles the command gives the round trip
+client -> relayd -> client (``ack_us``), without the device side.
 Several of these processes share the load (bench/downlink.py).
 
 Cheap by construction: raw asyncio protocols, no WebSocket library; every
@@ -14,7 +17,8 @@ command is a frame built once per client (a zero mask key is a valid mask that
 leaves the payload as it is); only one command in ``SAMPLE`` carries its send
 time (``C…``, built when sent), the others are constant (``c…``). Answers are
 counted by walking frame headers; a payload is only looked into when it is not
-an ack. Prints one JSON line: sent, acked, errors, first_error.
+an ack or is the ack of a sampled command. Prints one JSON line: sent, acked,
+errors, first_error, cpu_pct, ack_us.
 """
 
 from __future__ import annotations
@@ -42,9 +46,13 @@ def masked_text(payload: bytes) -> bytes:
     return bytes((0x81, 0x80 | 126)) + n.to_bytes(2, "big") + b"\0\0\0\0" + payload
 
 
-def command_frame(dev_port: int, kind: str, cid: int, seq: int, ts_us: int) -> bytes:
+def command_frame(
+    dev_port: int, kind: str, cid: int, seq: int, ts_us: int, ident: int | None = None
+) -> bytes:
     data = COMMAND % (kind, cid, seq, ts_us)
-    return masked_text(b'{"port": %d, "data": "%s"}' % (dev_port, data.encode()))
+    if ident is None:
+        return masked_text(b'{"port": %d, "data": "%s"}' % (dev_port, data.encode()))
+    return masked_text(b'{"port": %d, "data": "%s", "id": %d}' % (dev_port, data.encode(), ident))
 
 
 class Client(asyncio.Protocol):
@@ -56,6 +64,7 @@ class Client(asyncio.Protocol):
         self.acked = 0
         self.errors = 0
         self.first_error: str | None = None
+        self.ack_us: list[int] = []  # round trips of the sampled commands' acks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is no asyncio.Transport
@@ -95,8 +104,13 @@ class Client(asyncio.Protocol):
             if end > n:
                 break
             if buf[i] & 0x0F == 1:  # text: an answer
-                if buf.startswith(b'{"ack"', i + head):
+                if buf.startswith(b'{"ack": ', i + head):
                     self.acked += 1
+                    if 0x30 <= buf[i + head + 8] <= 0x39:  # an id: a sampled command's send time
+                        comma = buf.find(b",", i + head + 8, end)
+                        self.ack_us.append(
+                            time.monotonic_ns() // 1000 - int(buf[i + head + 8 : comma])
+                        )
                 else:
                     self.errors += 1
                     if self.first_error is None:
@@ -122,7 +136,8 @@ async def run(argv: list[str]) -> dict[str, Any]:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     line = await loop.run_in_executor(None, sys.stdin.readline)
-    start, until = (float(a) for a in line.split())
+    start, until, sample_from = (float(a) for a in line.split())
+    sample_from_us = int(sample_from * 1e6)
     plain = [command_frame(dev_port, "c", first + k, 0, 0) for k in range(count)]
     transports = [c.transport for c in clients]
     total_rate = rate * count  # this process's commands/s, round robin over its clients
@@ -137,7 +152,8 @@ async def run(argv: list[str]) -> dict[str, Any]:
             assert transport is not None
             if sent % sample == 0:
                 ts = time.monotonic_ns() // 1000
-                transport.write(command_frame(dev_port, "C", first + k, sent // count, ts))
+                ident = ts if ts >= sample_from_us else None
+                transport.write(command_frame(dev_port, "C", first + k, sent // count, ts, ident))
             else:
                 transport.write(plain[k])
             sent += 1
@@ -158,6 +174,7 @@ async def run(argv: list[str]) -> dict[str, Any]:
         "errors": sum(c.errors for c in clients),
         "first_error": errors[0] if errors else None,
         "cpu_pct": round(100 * cpu, 1),
+        "ack_us": [us for c in clients for us in c.ack_us],
     }
 
 

@@ -86,6 +86,13 @@ class CommandDevice(lg.Producer):
                     lat.over.append(d)
 
 
+def _user_sys_seconds(pid: int) -> tuple[float, float]:
+    """utime and stime of process ``pid`` (its main thread's and its reaped threads')."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
 def _command_port(r: Relay) -> int:
     with urllib.request.urlopen(f"http://{r.host}:{r.ws_port}/status.json", timeout=5) as resp:
         ports = [p["port"] for p in json.load(resp)["ports"]]
@@ -102,6 +109,15 @@ class Counts:
         self.errors = 0
         self.first_error: str | None = None
         self.cpu_pct: list[float] = []  # each bench.cmdgen process's, while sending
+        self.ack_us: list[int] = []  # sampled commands: client send -> its ack read (µs)
+
+    def ack_summary(self) -> dict[str, float | None]:
+        """The acks' round trip (client -> relayd -> client): relayd's share of a command's."""
+        acks = sorted(self.ack_us)
+        if not acks:
+            return {"ack_p50_ms": None, "ack_p99_ms": None}
+        at = lambda q: acks[min(len(acks) - 1, max(0, round(q * len(acks)) - 1))]  # noqa: E731
+        return {"ack_p50_ms": lg._r(at(0.5) / 1000), "ack_p99_ms": lg._r(at(0.99) / 1000)}
 
 
 async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.0) -> None:
@@ -145,12 +161,22 @@ async def _command_processes(
 
 
 async def _commands(
-    procs: list[asyncio.subprocess.Process], start: float, until: float, n: Counts
+    procs: list[asyncio.subprocess.Process],
+    start: float,
+    until: float,
+    n: Counts,
+    sample_from: float | None = None,
 ) -> None:
-    """Let them send from ``start`` to ``until``; their counts added to ``n``."""
+    """Let them send from ``start`` to ``until``; their counts added to ``n``.
+
+    Acks are timed for the sampled commands sent from ``sample_from`` (default
+    ``start``) on.
+    """
     for proc in procs:
         assert proc.stdin is not None
-        proc.stdin.write(f"{start} {until}\n".encode())
+        proc.stdin.write(
+            f"{start} {until} {start if sample_from is None else sample_from}\n".encode()
+        )
         await proc.stdin.drain()
     for proc in procs:
         out, _ = await asyncio.wait_for(proc.communicate(), until - time.monotonic() + 30.0)
@@ -160,12 +186,15 @@ async def _commands(
         n.errors += got["errors"]
         n.first_error = n.first_error or got["first_error"]
         n.cpu_pct.append(got["cpu_pct"])
+        n.ack_us.extend(got["ack_us"])
 
 
 async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     base = await fanout(r, P, hooks, P.fanout_clients[0])
     out: dict[str, Any] = {
         "uplink_p99_base_ms": base.get("p99_ms"),
+        "relay_cpu_pct_base": base.get("relay_cpu_pct"),  # fanout50 alone
+        "gen_cpu_pct_base": base.get("gen_cpu_pct"),
         "downlink_clients": CLIENTS,
         "downlink_rate": RATE,
     }
@@ -199,7 +228,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         until = start + P.warmup + P.fanout_s  # as long as fanout()'s devices send
         window = asyncio.get_running_loop().call_later(P.warmup, setattr, cmd_lat, "on", True)
         try:
-            await _commands(procs, start, until, n)
+            await _commands(procs, start, until, n, sample_from=start + P.warmup)
         finally:
             window.cancel()
             cmd_lat.on = False
@@ -237,6 +266,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
             "cmd_p50_ms": lg._r(cmd_lat.percentile(0.5)),
             "cmd_p99_ms": lg._r(cmd_lat.percentile(0.99)),
             "cmd_max_ms": lg._r(cmd_lat.max_us / 1000 if cmd_lat.n else None),
+            **n.ack_summary(),
             "uplink_p99_ratio": round(up99 / base99, 2) if up99 and base99 else None,
         }
     )
@@ -268,6 +298,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         await _all_connected(url, r.tcp_port, P.fanout_devices)
         probes = sum(d.read for d in devices)
         cpu0 = cpu_seconds(r.proc.pid)
+        user0, sys0 = _user_sys_seconds(r.proc.pid)
         start = time.monotonic() + 0.05
         await hooks.opened(r, "downlink_cost", P.fanout_s)  # --profile: py-spy from here
         lat.on = True
@@ -285,6 +316,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         else:
             raise TimeoutError("the devices did not read every command in 30 s")
         cpu = cpu_seconds(r.proc.pid) - cpu0
+        user1, sys1 = _user_sys_seconds(r.proc.pid)
     finally:
         for dev in devices:
             dev.close_now()
@@ -297,7 +329,11 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         "command_errors": n.errors,
         "relay_cpu_s": round(cpu, 3),
         "relay_cpu_us_per_command": round(cpu / n.sent * 1e6, 1) if n.sent else None,
+        # of which in the kernel (system calls: reads, acks, device writes, epoll)
+        "relay_sys_us_per_command": round((sys1 - sys0) / n.sent * 1e6, 1) if n.sent else None,
+        "relay_user_us_per_command": round((user1 - user0) / n.sent * 1e6, 1) if n.sent else None,
         "cmd_p50_ms": lg._r(lat.percentile(0.5)),
         "cmd_p99_ms": lg._r(lat.percentile(0.99)),
+        **n.ack_summary(),
         "cmdgen_cpu_pct": n.cpu_pct,
     }

@@ -171,10 +171,12 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
     ],
     "downlink_cost": [
         ("relay_cpu_us_per_command", "", None),
+        ("relay_sys_us_per_command", "", None),
         ("commands_sent", "", None),
         ("command_errors", "0", _le("command_errors", 0)),
         ("cmd_p50_ms", "", None),
         ("cmd_p99_ms", "", None),
+        ("ack_p99_ms", "", None),
     ],
     "downlink50": [
         ("cmd_p99_ms", "≤ 5", _le("cmd_p99_ms", 5.0)),
@@ -183,6 +185,8 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("p99_ms", "", None),
         ("cmd_p50_ms", "", None),
         ("cmd_max_ms", "", None),
+        ("ack_p50_ms", "", None),
+        ("ack_p99_ms", "", None),
         ("commands_sent", "", None),
         ("command_errors", "0", _le("command_errors", 0)),
         ("commands_unanswered", "0", _le("commands_unanswered", 0)),
@@ -190,7 +194,9 @@ REPORT: dict[str, list[tuple[str, str, Check | None]]] = {
         ("device_reads_expected", "", None),
         ("lost", "0", _le("lost", 0)),
         ("relay_cpu_pct", "", None),
+        ("relay_cpu_pct_base", "", None),
         ("gen_cpu_pct", "", None),
+        ("gen_core_other_pct", "", None),
     ],
     "slow": [
         ("healthy_ratio", "≥ 0.99", _ge("healthy_ratio", 0.99)),

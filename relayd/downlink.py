@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
@@ -48,7 +49,7 @@ class Refusal:
     sentence: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Command:
     """One JSON downlink request from a client."""
 
@@ -66,8 +67,26 @@ class DownlinkStats:
     rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REASONS, 0))
 
 
+# The usual command, as clients write it: a port, printable ASCII text without
+# escapes, an optional integer id. Read without the JSON decoder (the result is the
+# same); anything else, valid or not, goes through it (``_parse_json``).
+_USUAL = re.compile(
+    rb'\{"port": ?([1-9][0-9]{0,4}), ?"data": ?"([\x20\x21\x23-\x5b\x5d-\x7e]*)"'
+    rb'(?:, ?"id": ?(-?(?:0|[1-9][0-9]{0,17})))?\}'
+)
+
+
 def parse_command(text: bytes) -> Command | tuple[Refusal, Any]:
     """``{"port", "data"|"data_b64", "peer"?, "device"?, "id"?}``; a refusal keeps the id."""
+    usual = _USUAL.fullmatch(text)
+    if usual is not None:
+        port, data, ident = usual.groups()
+        if int(port) <= 65535:
+            return Command(int(port), data, None, None, None if ident is None else int(ident))
+    return _parse_json(text)
+
+
+def _parse_json(text: bytes) -> Command | tuple[Refusal, Any]:
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):

@@ -32,6 +32,12 @@ from websockets.http11 import Request
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - websockets built without its C extension
+    from websockets.utils import apply_mask
+
+from relayd.hub import OP_BINARY, OP_TEXT, encode_frame
 from relayd.listeners import format_peer
 from relayd.ws import PATH, Closed, Refused, Subscribed, WsEndpoint
 
@@ -70,6 +76,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         "paused",
         "peer",
         "ping_interval",
+        "quick",
         "ping_timeout",
         "read_paused",
         "subscription",
@@ -107,6 +114,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         self.deflate = False
         self.paused = False
         self.read_paused = False  # a client that sends but does not read (see _handle_frame)
+        self.quick = True  # data frames may take the quick path (see _received_quickly)
         self.timer: asyncio.TimerHandle | None = None  # ping, pong deadline or close deadline
 
     # asyncio.Protocol
@@ -122,6 +130,8 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             self.peer = format_peer(transport.get_extra_info("peername"))
 
     def data_received(self, data: bytes) -> None:
+        if self.quick and self._received_quickly(data):
+            return
         self.conn.receive_data(data)
         for event in self.conn.events_received():
             if isinstance(event, Request):
@@ -268,22 +278,12 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             if subscription is None or grant is None or self.close_sent:
                 return
             if not frame.fin:  # fragmented messages are not taken: refused, counted
+                self.quick = False  # websockets follows the fragments (its continuation state)
                 refused = self.endpoint.fragmented(json_mode=subscription.json)
                 if refused is not None:
                     self.conn.send_text(refused)
                 return
-            if self.paused and not self.read_paused:
-                # It sends while it does not read what it is sent: answers must not pile up
-                # without bound, so stop reading from it until its socket drains.
-                self.read_paused = True
-                self.transport.pause_reading()
-            answer = self.endpoint.received(
-                bytes(frame.data),
-                json_mode=subscription.json,
-                target=self.target,
-                grant=grant,
-                peer=self.peer,
-            )
+            answer = self._message(bytes(frame.data), subscription.json, grant)
             if answer is not None:
                 self.conn.send_text(answer)
         elif opcode is Opcode.PONG:
@@ -291,6 +291,69 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 self._cancel_timer()
                 self._schedule_ping()
         # Ping and close frames are answered by the websockets protocol itself.
+
+    def _message(self, data: bytes, json_mode: bool, grant: Grant) -> bytes | None:
+        """A client's whole message (a downlink write, relayd(8) DOWNLINK): the answer."""
+        if self.paused and not self.read_paused:
+            # It sends while it does not read what it is sent: answers must not pile up
+            # without bound, so stop reading from it until its socket drains.
+            self.read_paused = True
+            self.transport.pause_reading()
+        return self.endpoint.received(
+            data, json_mode=json_mode, target=self.target, grant=grant, peer=self.peer
+        )
+
+    def _received_quickly(self, data: bytes) -> bool:
+        """Handle ``data`` here if it is only whole, unfragmented data frames.
+
+        What clients send under load (thousands of commands a second, relayd(8)
+        DOWNLINK) is such frames, and websockets' parser costs about as much as
+        the command itself. Taken only while that parser holds nothing and
+        the connection is open without compression; anything else (a control
+        frame, a fragment, a frame cut by the read, a frame over 64 KiB) goes
+        to websockets, which then sees the stream from a frame boundary.
+        """
+        conn, subscription, grant = self.conn, self.subscription, self.grant
+        if (
+            subscription is None
+            or grant is None
+            or self.close_sent
+            or self.deflate
+            or conn.state is not State.OPEN
+            or conn.parser_exc is not None
+            or conn.reader.buffer  # part of a frame, read before
+        ):
+            return False
+        payloads: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            if n - i < 6 or data[i] not in _QUICK_FIRST_BYTES or data[i + 1] & 0x80 == 0:
+                return False  # not fin + text/binary without rsv, or not masked
+            length = data[i + 1] & 0x7F
+            key = i + 2
+            if length == 126:
+                if n - i < 8:
+                    return False
+                length = int.from_bytes(data[key : key + 2], "big")
+                key += 2
+            elif length == 127:
+                return False
+            end = key + 4 + length
+            if end > n:
+                return False
+            payload = data[key + 4 : end]
+            mask = data[key : key + 4]
+            payloads.append(payload if mask == _ZERO_MASK else apply_mask(payload, mask))
+            i = end
+        answers = []
+        for payload in payloads:
+            answer = self._message(payload, subscription.json, grant)
+            if answer is not None:
+                answers.append(encode_frame(answer, OP_TEXT))
+        if answers:
+            self._write_pending()  # what websockets may hold goes first
+            self.transport.write(answers[0] if len(answers) == 1 else b"".join(answers))
+        return True
 
     def _how_closed(self) -> str:
         """Who closed, with the code and reason actually sent or received."""
@@ -350,6 +413,10 @@ class RelayWebSocketProtocol(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+_QUICK_FIRST_BYTES = frozenset((0x80 | OP_TEXT, 0x80 | OP_BINARY))  # fin, no rsv
+_ZERO_MASK = bytes(4)
 
 
 def _reason(reason: str) -> str:
