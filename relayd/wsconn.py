@@ -283,7 +283,12 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 if refused is not None:
                     self.conn.send_text(refused)
                 return
-            answer = self._message(bytes(frame.data), subscription.json, grant)
+            data = bytes(frame.data)
+            if opcode is Opcode.TEXT and not _utf8(data):
+                # RFC 6455 §8.1; websockets' Sans-I/O protocol leaves the check to us
+                self.close(1007, "invalid UTF-8 in a text message")
+                return
+            answer = self._message(data, subscription.json, grant)
             if answer is not None:
                 self.conn.send_text(answer)
         elif opcode is Opcode.PONG:
@@ -343,7 +348,11 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                 return False
             payload = data[key + 4 : end]
             mask = data[key : key + 4]
-            payloads.append(payload if mask == _ZERO_MASK else apply_mask(payload, mask))
+            if mask != _ZERO_MASK:
+                payload = apply_mask(payload, mask)
+            if data[i] == _TEXT_FIRST_BYTE and not _utf8(payload):
+                return False  # closed with 1007 by _handle_frame
+            payloads.append(payload)
             i = end
         answers = []
         for payload in payloads:
@@ -416,7 +425,18 @@ class RelayWebSocketProtocol(asyncio.Protocol):
 
 
 _QUICK_FIRST_BYTES = frozenset((0x80 | OP_TEXT, 0x80 | OP_BINARY))  # fin, no rsv
+_TEXT_FIRST_BYTE = 0x80 | OP_TEXT
 _ZERO_MASK = bytes(4)
+
+
+def _utf8(payload: bytes) -> bool:
+    if payload.isascii():
+        return True
+    try:
+        payload.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _reason(reason: str) -> str:

@@ -212,3 +212,36 @@ def test_any_command_reads_as_the_json_decoder_reads_it(
     raw = json.dumps(message, separators=separators).encode()
     for text in (raw, raw[:cut] + raw[cut + 1 :]):  # and with a byte missing
         assert parse_command(text) == downlink._parse_json(text), text
+
+
+@pytest.mark.parametrize("quick", [True, False], ids=["quick-path", "websockets"])
+async def test_a_text_message_that_is_not_utf8_closes_the_client_with_1007(
+    tmp_path: Path, notify: NotifySocket, quick: bool
+) -> None:
+    """RFC 6455 §8.1: nothing of it reaches the device, the client is closed with 1007,
+    whether relayd's quick path or websockets' parser read the frame."""
+    port = free_port()
+    async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
+        reader, writer = await device(port)
+        await connected(d, port, 1)
+        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
+        ws_writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
+        async with asyncio.timeout(5_000 * MS):
+            await ws_reader.readuntil(b"\r\n\r\n")
+            await wait_until(lambda: d.runtime.hub.clients == 1)
+            good = json.dumps({"port": port, "data": "ok\u00e9", "id": 1}, ensure_ascii=False)
+            ws_writer.write(client_frame(good.encode()))  # UTF-8: written
+            assert await read_exactly(reader, 5) == b"ok\xc3\xa9\n"
+            head = await ws_reader.readexactly(2)
+            assert json.loads(await ws_reader.readexactly(head[1] & 0x7F))["ack"] == 1
+            bad = client_frame(good.encode().replace(b"ok\xc3\xa9", b"ok\xff"))
+            # After a ping in the same read, websockets parses the read, not the quick path.
+            ws_writer.write(bad if quick else client_frame(b"p", opcode=9) + bad)
+            if not quick:
+                assert await ws_reader.readexactly(3) == b"\x8a\x01p"  # the pong
+            head = await ws_reader.readexactly(2)
+            close = await ws_reader.readexactly(head[1] & 0x7F)
+        ws_writer.close()
+        writer.close()
+        assert d.runtime.downlink.stats.messages.get(port, 0) == 1
+    assert head[0] == 0x88 and int.from_bytes(close[:2], "big") == 1007, close
