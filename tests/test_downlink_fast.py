@@ -18,6 +18,7 @@ from relayd.downlink import Command, parse_command
 from tests.helpers import (
     MS,
     WS_HANDSHAKE,
+    Daemon,
     NotifySocket,
     examples,
     free_port,
@@ -27,6 +28,15 @@ from tests.helpers import (
 from tests.test_downlink import connected, device, downlink_ports, read_exactly
 
 pytestmark = pytest.mark.anyio
+
+
+async def json_client(d: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw ``/ws?format=json`` client past its handshake (frames written by hand)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.http_port)
+    writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
+    async with asyncio.timeout(5_000 * MS):
+        await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
 
 
 async def test_writes_that_come_faster_than_the_interval_wait_for_it_then_go_together(
@@ -91,10 +101,7 @@ async def test_commands_in_any_framing_are_answered_in_order_and_reach_the_devic
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
         reader, writer = await device(port)
         await connected(d, port, 1)
-        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
-        ws_writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
-        async with asyncio.timeout(5_000 * MS):
-            await ws_reader.readuntil(b"\r\n\r\n")
+        ws_reader, ws_writer = await json_client(d)
         await wait_until(lambda: d.runtime.hub.clients == 1)
         (sub,) = d.runtime.hub._subs
         parsed: list[int] = []  # reads that websockets parsed
@@ -155,10 +162,8 @@ async def test_after_a_fragment_websockets_judges_the_frames_that_follow(
     """A fragment is refused; a new message before its continuation is a protocol error."""
     port = free_port()
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
-        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
-        ws_writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
+        ws_reader, ws_writer = await json_client(d)
         async with asyncio.timeout(5_000 * MS):
-            await ws_reader.readuntil(b"\r\n\r\n")
             ws_writer.write(client_frame(b'{"port": 1, "da', fin=False))
             head = await ws_reader.readexactly(2)
             refused = json.loads(await ws_reader.readexactly(head[1] & 0x7F))
@@ -224,10 +229,8 @@ async def test_a_text_message_that_is_not_utf8_closes_the_client_with_1007(
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
         reader, writer = await device(port)
         await connected(d, port, 1)
-        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
-        ws_writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
+        ws_reader, ws_writer = await json_client(d)
         async with asyncio.timeout(5_000 * MS):
-            await ws_reader.readuntil(b"\r\n\r\n")
             await wait_until(lambda: d.runtime.hub.clients == 1)
             good = json.dumps({"port": port, "data": "ok\u00e9", "id": 1}, ensure_ascii=False)
             ws_writer.write(client_frame(good.encode()))  # UTF-8: written
