@@ -23,6 +23,7 @@ from relayd.listeners import Listener
 from relayd.state import STATE_FILE, PortState
 from tests.helpers import (
     MS,
+    THOROUGH,
     Daemon,
     NotifySocket,
     accepts,
@@ -437,8 +438,9 @@ async def listed_ports(sock: Path) -> dict[int, str]:
         return {p["port"]: p["source"] for p in (await admin.get("/v1/ports")).json()}
 
 
-# Restarts after a SIGKILL; more in a soak run: RELAYD_TEST_KILLS=50.
-KILLS = int(os.environ.get("RELAYD_TEST_KILLS", "3"))
+# Restarts after a SIGKILL: 2 in `make test`, 8 in `make test-thorough`, more in a soak
+# run (RELAYD_TEST_KILLS=50). Each kill lands at a random moment; the seed is in any failure.
+KILLS = int(os.environ.get("RELAYD_TEST_KILLS", "8" if THOROUGH else "2"))
 
 
 # Not in the heavy group: neither a flood nor a timed wait (the kill lands at a random
