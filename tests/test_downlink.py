@@ -18,7 +18,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from relayd.api import MAX_BODY, send_body_limit
 from relayd.auth import Grant
 from relayd.downlink import Command, Refusal, parse_command
-from tests.helpers import MS, NotifySocket, free_port, run_daemon, wait_until
+from tests.helpers import MS, WS_HANDSHAKE, Daemon, NotifySocket, free_port, run_daemon, wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -33,6 +33,15 @@ def downlink_ports(*ports: int, framing: str = "lines", extra: str = "") -> str:
             f"downlink = true\n{extra}\n"
         )
     return text
+
+
+async def json_client(d: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw ``/ws?format=json`` client past its handshake (frames written by hand)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", d.http_port)
+    writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
+    async with asyncio.timeout(5_000 * MS):
+        await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
 
 
 def b64(data: bytes) -> str:
@@ -430,14 +439,7 @@ async def test_commands_read_together_are_answered_in_one_write_in_order(
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
         reader, writer = await device(port)
         await connected(d, port, 1)
-        ws_reader, ws_writer = await asyncio.open_connection("127.0.0.1", d.http_port)
-        ws_writer.write(
-            b"GET /ws?format=json HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        async with asyncio.timeout(5_000 * MS):
-            await ws_reader.readuntil(b"\r\n\r\n")
+        ws_reader, ws_writer = await json_client(d)
         await wait_until(lambda: d.runtime.hub.clients == 1)
         (sub,) = d.runtime.hub._subs
         writes: list[bytes] = []

@@ -17,26 +17,21 @@ from relayd.auth import Grant
 from relayd.downlink import Command, parse_command
 from tests.helpers import (
     MS,
-    WS_HANDSHAKE,
-    Daemon,
     NotifySocket,
     examples,
     free_port,
     run_daemon,
     wait_until,
 )
-from tests.test_downlink import connected, device, downlink_ports, read_exactly
+from tests.test_downlink import (
+    connected,
+    device,
+    downlink_ports,
+    json_client,
+    read_exactly,
+)
 
 pytestmark = pytest.mark.anyio
-
-
-async def json_client(d: Daemon) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A raw ``/ws?format=json`` client past its handshake (frames written by hand)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", d.http_port)
-    writer.write(WS_HANDSHAKE.replace(b"GET /ws ", b"GET /ws?format=json "))
-    async with asyncio.timeout(5_000 * MS):
-        await reader.readuntil(b"\r\n\r\n")
-    return reader, writer
 
 
 async def test_writes_that_come_faster_than_the_interval_wait_for_it_then_go_together(
