@@ -14,6 +14,7 @@ runs as it did before ``relayd.lazy_uvicorn``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -54,11 +55,13 @@ sys.stdout.write(json.dumps(out))
 
 
 def parts(directory: Path | None) -> list[tuple[str, int]]:
-    root = directory or Path(__file__).resolve().parent.parent
-    lazy = (root / "relayd" / "lazy_uvicorn.py").exists()
+    env = dict(os.environ)
+    if directory:
+        lazy = (directory / "relayd" / "lazy_uvicorn.py").exists()
+    else:  # this checkout's relayd, or the installed one (packaging/e2e/run.sh --footprint)
+        lazy = importlib.util.find_spec("relayd.lazy_uvicorn") is not None
     first = ["relayd.lazy_uvicorn"] if lazy else []
     groups = [(n, first + m if n.startswith("uvicorn") else m) for n, m in GROUPS]
-    env = dict(os.environ)
     if directory:
         env["PYTHONPATH"] = str(directory)
     result = subprocess.run(
