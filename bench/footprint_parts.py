@@ -14,11 +14,11 @@ runs as it did before ``relayd.lazy_uvicorn``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 GROUPS: list[tuple[str, list[str]]] = [
@@ -59,9 +59,12 @@ def parts(directory: Path | None) -> list[tuple[str, int]]:
     if directory:
         lazy = (directory / "relayd" / "lazy_uvicorn.py").exists()
     else:  # this checkout's relayd, or the installed one (packaging/e2e/run.sh --footprint)
-        lazy = importlib.util.find_spec("relayd.lazy_uvicorn") is not None
+        lazy = find_spec("relayd.lazy_uvicorn") is not None
     first = ["relayd.lazy_uvicorn"] if lazy else []
     groups = [(n, first + m if n.startswith("uvicorn") else m) for n, m in GROUPS]
+    if (directory / "relayd" / "lean.py").exists() if directory else find_spec("relayd.lean"):
+        # what relayd.daemon does first: pydantic's extras off, click & co. deferred
+        groups.insert(1, ("relayd.lean", ["relayd.lean"]))
     if directory:
         env["PYTHONPATH"] = str(directory)
     result = subprocess.run(
