@@ -676,8 +676,11 @@ mqtt_off() {
 # start (relayd builds its admin API and imports prometheus_client on first
 # use). packaging/e2e/footprint.py, in the machine, prints the three figures.
 # Only the idle RSS is judged (RELAYD_E2E_MAX_RSS_MB): it is no timing, so a
-# loaded CI machine does not move it; the two times are reported.
-RELAYD_E2E_MAX_RSS_MB=${RELAYD_E2E_MAX_RSS_MB:-44}
+# loaded CI machine does not move it; the two times are reported. The bound is
+# issue 17's 40 MB plus 0.5 MB for the spread between starts (39.2-39.8 MB seen):
+# an eager import of what relayd defers (FastAPI 6.3 MB, pydantic's schema
+# check 1.8, importlib.metadata 1.7, prometheus_client 1.2, click 0.8) fails it.
+RELAYD_E2E_MAX_RSS_MB=${RELAYD_E2E_MAX_RSS_MB:-40.5}
 
 footprint_idle() {
 	in_ct python3 /mnt/e2e/footprint.py measure --statuses 5 --max-rss-mb "$RELAYD_E2E_MAX_RSS_MB"
