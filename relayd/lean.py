@@ -12,8 +12,9 @@ from the packaged relayd.service on Debian 13, bench/RESULTS.md):
   on the first model, which imports importlib.metadata (zipfile, email,
   tempfile: 1.7 MB). relayd uses none: ``PYDANTIC_DISABLE_PLUGINS``.
 - click (Debian 13's uvicorn 0.32 imports it in uvicorn.config, .logging and
-  .server, for colours relayd never logs) and logging.config (uvicorn.config,
-  for ``log_config``, which relayd sets to None) wait for their first use.
+  .server, for colours relayd never logs), logging.config (uvicorn.config, for
+  ``log_config``, which relayd sets to None) and importlib.metadata (pydantic's
+  plugin loader; websockets.version) wait for their first use.
 
 Either variable set in the environment already is left as it is.
 """
