@@ -558,7 +558,6 @@ class Poller:
         self.items: dict[int, tuple[socket.socket, Consumer, SockTransport | TlsSockTransport]] = {}
         self.epoll = select.epoll()
         self.buf = bytearray(1 << 18)
-        self.plain = bytearray(1 << 18)  # the wss consumers' decrypted bytes (one at a time)
         self.stopped = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -586,7 +585,7 @@ class Poller:
             if tls is None:
                 t = SockTransport(sock)
             else:
-                layer = TlsLayer(tls, host, self.plain)
+                layer = TlsLayer(tls, host)
                 await handshake(sock, layer)
                 t = TlsSockTransport(sock, layer)
         except BaseException:
@@ -708,11 +707,10 @@ async def connect_consumers(
     if poller is not None and tls is not None and tls_reader != "bio":
         raise ValueError("polled wss consumers decrypt in memory (tls_reader='bio')")
     sem = asyncio.Semaphore(parallel)
-    plain = bytearray(1 << 18)  # the event-driven wss consumers' decrypted bytes, one at a time
 
     def wrapped(c: Consumer) -> asyncio.Protocol:
         assert tls is not None
-        return TlsProtocol(c, TlsLayer(tls, host, plain))
+        return TlsProtocol(c, TlsLayer(tls, host))
 
     async def one() -> Consumer:
         async with sem:

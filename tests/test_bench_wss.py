@@ -67,8 +67,7 @@ async def test_frames_cut_by_tls_records_and_tcp_reads(pki: tuple[Authority, Pai
     lat = lg.Latency()
     lat.on = True
     c = lg.Consumer(lat, 1, LINE, "127.0.0.1", 1)
-    # A plaintext buffer smaller than a record: decrypt() gathers it in several pieces.
-    proto = TlsProtocol(c, TlsLayer(ca.client_context(), "127.0.0.1", bytearray(100)))
+    proto = TlsProtocol(c, TlsLayer(ca.client_context(), "127.0.0.1"))
     pipe = Pipe(server, s_in)
     proto.connection_made(pipe)  # type: ignore[arg-type]
     for _ in range(10):  # the handshake, pumped by hand
