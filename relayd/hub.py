@@ -5,7 +5,11 @@ encoded into a WebSocket frame once (and into a JSON envelope once, when a
 client asked for envelopes); the same bytes go to every subscriber. Each
 subscriber has its own queue: frames published during one event-loop
 iteration are written to its transport in one call at the end of that
-iteration. With thousands of clients that pass is long (one system call per
+iteration. Passes over the clients start at most once per ``FLUSH_INTERVAL``
+(relayd(8), "Relaying"): a message after a quiet spell goes out at the end of
+the iteration that read it, messages that follow sooner wait for the rest of
+the interval and go together, so a busy port costs one system call per client
+and interval, not one per message. With thousands of clients that pass is long (one system call per
 client), so it writes ``FLUSH_CHUNK`` clients per loop iteration: a message
 read from a device meanwhile joins the queues of the clients the pass has not
 reached yet and goes out with it, and the others get it in the next pass.
@@ -35,6 +39,7 @@ from relayd.history import History, Meta, Replay, Snapshot
 
 REPLAY_CHUNK = 256  # replayed messages encoded and sent per event-loop iteration
 FLUSH_CHUNK = 128  # clients written per event-loop iteration (see the module docstring)
+FLUSH_INTERVAL = 0.002  # passes start at most this often, in seconds (module docstring)
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +286,10 @@ class Hub:
         history: int = 0,
         history_max_bytes: int = 0,
         on_change: Callable[[], None] = lambda: None,
+        flush_interval: float = FLUSH_INTERVAL,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._flush_interval = flush_interval
         self.epoch = epoch
         self.history = History(epoch, history, history_max_bytes)
         self._epoch_seq = b'", "epoch": ' + json.dumps(epoch).encode() + b', "seq": '
@@ -301,6 +308,7 @@ class Hub:
         self._pass: list[Subscription] = []  # the pass under way, written up to _pass_at
         self._pass_at = 0
         self._flush_handle: asyncio.Handle | None = None
+        self._next_pass = 0.0  # loop time before which no new pass starts
         self._empty = asyncio.Event()
         self._empty.set()
 
@@ -405,7 +413,7 @@ class Hub:
                     sub.scheduled = True
                     dirty.append(sub)
         if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._wake()
 
     def _envelopes(
         self, source: Source, ts: float, first_seq: int, messages: Iterable[bytes]
@@ -507,7 +515,15 @@ class Hub:
             sub.scheduled = True
             self._dirty.append(sub)
         if self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._wake()
+
+    def _wake(self) -> None:
+        """Schedule the next flush: now when the last pass started long enough ago."""
+        loop = self._loop
+        if self._pass or loop.time() >= self._next_pass:
+            self._flush_handle = loop.call_soon(self._flush)
+        else:
+            self._flush_handle = loop.call_at(self._next_pass, self._flush)
 
     def _flush(self) -> None:
         """Write the next ``FLUSH_CHUNK`` clients of the pass; start a pass when none is left.
@@ -521,6 +537,7 @@ class Hub:
         if start >= len(todo):
             todo, self._dirty, start = self._dirty, [], 0
             self._pass = todo
+            self._next_pass = self._loop.time() + self._flush_interval
         end = start + FLUSH_CHUNK
         self._pass_at = end
         for sub in todo[start:end]:
@@ -529,7 +546,7 @@ class Hub:
         if end >= len(todo):
             self._pass, self._pass_at = [], 0
         if (self._pass or self._dirty) and self._flush_handle is None:
-            self._flush_handle = self._loop.call_soon(self._flush)
+            self._wake()
 
     async def close(self, timeout: float) -> None:
         """Flush every client's queue, close each with 1001, wait up to ``timeout`` for them."""

@@ -7,7 +7,16 @@ import json
 
 import pytest
 
-from relayd.hub import FLUSH_CHUNK, OP_BINARY, OP_TEXT, Hub, HubFull, Source, encode_frame
+from relayd.hub import (
+    FLUSH_CHUNK,
+    FLUSH_INTERVAL,
+    OP_BINARY,
+    OP_TEXT,
+    Hub,
+    HubFull,
+    Source,
+    encode_frame,
+)
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -46,7 +55,13 @@ async def next_iteration() -> None:
 
 
 def make_hub(**kwargs: object) -> Hub:
-    options: dict[str, object] = {"queue_size": 4, "slow_client": "drop", "max_clients": 10}
+    """A hub that starts a pass in every loop iteration (the FLUSH_INTERVAL tests set one)."""
+    options: dict[str, object] = {
+        "queue_size": 4,
+        "slow_client": "drop",
+        "max_clients": 10,
+        "flush_interval": 0.0,
+    }
     options.update(kwargs)
     return Hub(**options)  # type: ignore[arg-type]
 
@@ -73,6 +88,52 @@ async def test_publish_encodes_once_and_batches_per_iteration() -> None:
     assert a.writes == 1  # one transport write per client per loop iteration
     assert a.frames[0] is b.frames[0]  # the same bytes object for every client
     assert hub.messages_sent == 6
+
+
+async def test_a_message_after_a_quiet_spell_goes_out_in_its_own_iteration() -> None:
+    hub = make_hub(flush_interval=FLUSH_INTERVAL)
+    sink = FakeSink()
+    hub.subscribe(sink, None, False)
+    hub.publish(SRC, [b"first"], all_text=True)
+    await next_iteration()
+    assert payloads(sink.frames) == [b"first"]
+
+
+async def test_messages_that_come_faster_than_the_interval_go_together() -> None:
+    """A busy port: one write per client per interval, whatever the message rate."""
+    interval = 0.05  # long enough that the loop's iterations cannot reach it by chance
+    hub = make_hub(flush_interval=interval, max_clients=2)
+    a, b = FakeSink(), FakeSink()
+    hub.subscribe(a, None, False)
+    hub.subscribe(b, None, False)
+    loop = asyncio.get_running_loop()
+    hub.publish(SRC, [b"0"], all_text=True)
+    await next_iteration()
+    first = loop.time()
+    assert a.writes == b.writes == 1
+    for i in range(1, 6):
+        hub.publish(SRC, [str(i).encode()], all_text=True)
+        await next_iteration()
+    assert a.writes == b.writes == 1  # the others wait for the rest of the interval ...
+    await wait_until(lambda: a.writes == 2 and b.writes == 2)
+    assert loop.time() - first >= interval * 0.9  # (the loop's clock resolution)
+    for sink in (a, b):  # ... then go in one write each, in order
+        assert payloads(sink.frames) == [str(i).encode() for i in range(6)]
+    assert hub.messages_sent == 12
+
+
+async def test_close_does_not_wait_for_the_interval() -> None:
+    hub = make_hub(flush_interval=3600.0)
+    sink = FakeSink()
+    hub.subscribe(sink, None, False)
+    hub.publish(SRC, [b"a"], all_text=True)
+    await next_iteration()
+    hub.publish(SRC, [b"b"], all_text=True)
+    await next_iteration()
+    assert payloads(sink.frames) == [b"a"]
+    await hub.close(0.0)
+    assert payloads(sink.frames) == [b"a", b"b"]
+    assert sink.closed == (1001, "relayd is stopping")
 
 
 async def test_a_long_pass_takes_in_what_arrives_while_it_writes() -> None:
