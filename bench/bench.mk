@@ -117,3 +117,12 @@ bench-sendcost: bench-deps
 .PHONY: bench-footprint-parts
 bench-footprint-parts: bench-deps
 	$(BENCH_PY) -m bench.footprint_parts $(BENCH_FOOTPRINT_PARTS_ARGS)
+
+# Issue 17 part 2, on the real package: the .deb installed in the booted Debian 13 machine
+# of `make e2e` (Python 3.13, Debian's python3-* libraries, systemd, /etc/relayd/relayd.toml):
+# medians of BENCH_FOOTPRINT_DEB_STARTS restarts of relayd.service (idle RSS, exec -> READY=1
+# from systemd's timestamps, relayctl status), -X importtime of both, RSS by part. Needs root.
+BENCH_FOOTPRINT_DEB_STARTS ?= 3
+.PHONY: bench-footprint-deb
+bench-footprint-deb: $(RELAYD_DEB)
+	bash packaging/e2e/run.sh --footprint $(BENCH_FOOTPRINT_DEB_STARTS) $(RELAYD_DEB)

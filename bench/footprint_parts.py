@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 
 GROUPS: list[tuple[str, list[str]]] = [
@@ -54,11 +55,16 @@ sys.stdout.write(json.dumps(out))
 
 
 def parts(directory: Path | None) -> list[tuple[str, int]]:
-    root = directory or Path(__file__).resolve().parent.parent
-    lazy = (root / "relayd" / "lazy_uvicorn.py").exists()
+    env = dict(os.environ)
+    if directory:
+        lazy = (directory / "relayd" / "lazy_uvicorn.py").exists()
+    else:  # this checkout's relayd, or the installed one (packaging/e2e/run.sh --footprint)
+        lazy = find_spec("relayd.lazy_uvicorn") is not None
     first = ["relayd.lazy_uvicorn"] if lazy else []
     groups = [(n, first + m if n.startswith("uvicorn") else m) for n, m in GROUPS]
-    env = dict(os.environ)
+    if (directory / "relayd" / "lean.py").exists() if directory else find_spec("relayd.lean"):
+        # what relayd.daemon does first: pydantic's extras off, click & co. deferred
+        groups.insert(1, ("relayd.lean", ["relayd.lean"]))
     if directory:
         env["PYTHONPATH"] = str(directory)
     result = subprocess.run(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# First, before anything imports uvicorn: its package __init__ (uvicorn.main, click) waits.
-from relayd import lazy_uvicorn  # noqa: F401
+# First, before anything imports pydantic or uvicorn: what relayd never uses waits
+# (relayd.lean), and so does uvicorn's package __init__ (uvicorn.main, click).
+from relayd import lazy_uvicorn, lean  # noqa: F401
 
 # isort: split
 

@@ -15,46 +15,26 @@ from ``uvicorn.config`` without it.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-import threading
 from types import ModuleType
-from typing import Any
+
+from relayd import lean
 
 
 def install() -> None:
     """Make ``uvicorn`` a lazily initialised package, unless it is imported already."""
-    if "uvicorn" in sys.modules:
-        return
-    spec = importlib.util.find_spec("uvicorn")
-    if spec is None or spec.loader is None or spec.submodule_search_locations is None:
-        return
-    module = importlib.util.module_from_spec(spec)
-    loader = spec.loader
-    lock = threading.Lock()  # two threads' first uses run __init__ once
+    lean.defer("uvicorn", {"Config": _config})
 
-    def first_use(name: str) -> Any:
-        if name == "Config":  # `from uvicorn import Config` in uvicorn.lifespan
-            from uvicorn.config import Config
 
-            return Config
-        if name.startswith("__") and name.endswith("__"):
-            # probes for optional dunders (__path__ is set; __all__, __version__ are not)
-            if name not in ("__all__", "__version__"):
-                raise AttributeError(name)
-        with lock:
-            if not initialised(module):
-                del module.__dict__["__getattr__"]  # from now on, plain attributes
-                loader.exec_module(module)
-        return getattr(module, name)
+def _config() -> type:
+    # `from uvicorn import Config` in uvicorn.lifespan
+    from uvicorn.config import Config
 
-    module.__dict__["__getattr__"] = first_use
-    sys.modules["uvicorn"] = module
+    return Config
 
 
 def initialised(module: ModuleType) -> bool:
     """Whether the package's own ``__init__`` has run (for the tests)."""
-    return "__getattr__" not in module.__dict__
+    return lean.initialised(module)
 
 
 install()

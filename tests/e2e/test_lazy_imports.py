@@ -34,12 +34,15 @@ HEAVY = (
     # click, which uvicorn.config itself imports on older uvicorn, e.g. Debian 13's 0.32)
     "uvicorn.main",
     "multiprocessing",
+    # relayd.lean: uvicorn 0.32 imports click for colours, uvicorn.config logging.config
+    "click",
+    "logging.config",
 )
 
 SCRIPT = """
 import asyncio, json, sys
 from pathlib import Path
-from relayd import daemon
+from relayd import daemon, lean
 from relayd.config import Settings
 
 HEAVY = {heavy!r}
@@ -47,8 +50,8 @@ cfg, state, sock, timeout = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], f
 report = {{}}
 ready = asyncio.Event()
 
-def loaded():
-    return sorted(m for m in HEAVY if m in sys.modules)
+def loaded():  # a module relayd.lean holds back is in sys.modules, its code not run
+    return sorted(m for m in HEAVY if m in sys.modules and lean.initialised(sys.modules[m]))
 
 def on_runtime(runtime):
     set_ready = runtime.set_ready
@@ -191,3 +194,54 @@ def test_uvicorn_package_init_waits_for_its_first_use() -> None:
         "run": True,
         "initialised": True,
     }
+
+
+LEAN = """
+import json, os, sys
+before = {m: m in sys.modules for m in ("click", "logging.config", "importlib.metadata")}
+os.environ.pop("PYDANTIC_SKIP_VALIDATING_CORE_SCHEMAS", None)
+os.environ["PYDANTIC_DISABLE_PLUGINS"] = "true"
+from pathlib import Path
+from relayd import daemon, lean
+from relayd.config import Settings
+Settings.load(Path(sys.argv[1]))  # every config model is built and used
+report = {"env": [os.environ.get(k) for k in lean.ENVIRONMENT]}
+report["waiting"] = sorted(
+    m for m in before if not before[m] and not lean.initialised(sys.modules[m])
+)
+report["preloaded"] = sorted(m for m in before if before[m])
+report["pydantic"] = [int(n) for n in __import__("pydantic").VERSION.split(".")[:2]]
+import click, logging.config, importlib.metadata  # first uses run them
+report["used"] = [
+    click.style("x", bold=True) == "\\x1b[1mx\\x1b[0m",
+    callable(logging.config.dictConfig),
+    importlib.metadata.version("pydantic") == __import__("pydantic").VERSION,
+]
+sys.stdout.write(json.dumps(report))
+"""
+
+
+def test_idle_daemon_leaves_what_it_never_uses_unrun(tmp_path: Path) -> None:
+    """relayd.lean: click, logging.config, importlib.metadata wait; pydantic's extras are off."""
+    cfg = tmp_path / "relayd.toml"
+    cfg.write_text(config_text(free_port(), [free_port()]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYDANTIC_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", LEAN, str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30_000 * MS,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    # set by relayd.lean where unset; one set by the user is left as it is
+    assert report["env"] == ["1", "true"]
+    assert {"click", "logging.config"} <= set(report["waiting"])
+    # pydantic < 2.11 (Debian 13's 2.10) imports importlib.metadata as a module and
+    # scans it only for plugins; 2.11 and later import a name from it. (The editable
+    # install's finder in a venv's site imports it before relayd does.)
+    if report["pydantic"] < [2, 11] and "importlib.metadata" not in report["preloaded"]:
+        assert "importlib.metadata" in report["waiting"]
+    assert report["used"] == [True, True, True]
