@@ -31,6 +31,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from bench.tlsread import TlsEOF, TlsLayer, TlsProtocol, TlsSockTransport, handshake
+
 HEAD_LEN = 32  # "PPP SSSSSSSSSS TTTTTTTTTTTTTTTT "
 END_MARK = 0x24  # "$"
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -513,6 +515,8 @@ class Producer(asyncio.Protocol):
 class SockTransport:
     """Just enough of an asyncio transport for a Consumer whose socket is polled."""
 
+    layer: TlsLayer | None = None  # plain ws (bench/tlsread.TlsSockTransport: wss)
+
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.closing = False
@@ -544,11 +548,14 @@ class Poller:
     it comes costs the generator one wake-up and one recv per frame: more than
     its core has. Polling makes each recv carry the frames of `period` seconds,
     at the price of up to `period` of extra measured latency.
+
+    wss consumers (`connect(..., tls=)`) are read the same way; what each recv
+    brought is decrypted in memory (bench/tlsread.py) before the frame parser.
     """
 
     def __init__(self, period: float) -> None:
         self.period = period
-        self.items: dict[int, tuple[socket.socket, Consumer, SockTransport]] = {}
+        self.items: dict[int, tuple[socket.socket, Consumer, SockTransport | TlsSockTransport]] = {}
         self.epoll = select.epoll()
         self.buf = bytearray(1 << 18)
         self.stopped = asyncio.Event()
@@ -566,16 +573,24 @@ class Poller:
             self._drop(fd)
         self.epoll.close()
 
-    async def connect(self, c: Consumer, host: str, port: int) -> None:
+    async def connect(
+        self, c: Consumer, host: str, port: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        t: SockTransport | TlsSockTransport
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is None:
+                t = SockTransport(sock)
+            else:
+                layer = TlsLayer(tls, host)
+                await handshake(sock, layer)
+                t = TlsSockTransport(sock, layer)
         except BaseException:
             sock.close()
             raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        t = SockTransport(sock)
         self.items[sock.fileno()] = (sock, c, t)
         self.epoll.register(sock.fileno(), select.EPOLLIN)
         c.connection_made(t)  # type: ignore[arg-type]
@@ -618,7 +633,16 @@ class Poller:
                 if n == 0:
                     self._drop(fd)
                     break
-                c.data_received(bytes(mv[:n]))
+                if t.layer is None:
+                    c.data_received(bytes(mv[:n]))
+                else:
+                    try:
+                        plain = t.layer.decrypt(mv[:n])
+                    except TlsEOF:
+                        self._drop(fd)
+                        break
+                    if plain:
+                        c.data_received(plain)
                 if n < size:
                     break
         for fd in [fd for fd, (_, _, t) in items.items() if t.closing]:
@@ -670,20 +694,32 @@ async def connect_consumers(
     tls: ssl.SSLContext | None = None,
     path: str = "/ws",
     kind: type[Consumer] = Consumer,
+    tls_reader: str = "bio",
 ) -> list[Consumer]:
     """Open n WebSocket clients, `parallel` handshakes at a time (read by `poller` if given).
 
-    With `tls`, the clients speak wss (the poller reads plain sockets only).
+    With `tls`, the clients speak wss, read as ws clients are and decrypted in
+    memory (bench/tlsread.py); `tls_reader="loop"`: through the event loop's SSL
+    transport instead (event-driven clients only).
     """
-    if poller is not None and tls is not None:
-        raise ValueError("polled consumers speak ws only")
+    if tls_reader not in ("bio", "loop"):
+        raise ValueError(f"tls_reader {tls_reader!r}: 'bio' or 'loop'")
+    if poller is not None and tls is not None and tls_reader != "bio":
+        raise ValueError("polled wss consumers decrypt in memory (tls_reader='bio')")
     sem = asyncio.Semaphore(parallel)
+
+    def wrapped(c: Consumer) -> asyncio.Protocol:
+        assert tls is not None
+        return TlsProtocol(c, TlsLayer(tls, host))
 
     async def one() -> Consumer:
         async with sem:
             if poller is not None:
                 c = kind(lat, producers, line_len, host, port, path)
-                await poller.connect(c, host, port)
+                await poller.connect(c, host, port, tls)
+            elif tls is not None and tls_reader == "bio":
+                c = kind(lat, producers, line_len, host, port, path)
+                await _connect(lambda: wrapped(c), host, port, rcvbuf)
             else:
                 c = await _connect(
                     lambda: kind(lat, producers, line_len, host, port, path),

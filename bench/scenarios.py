@@ -62,6 +62,9 @@ class Params:
     fanout_clients: tuple[int, ...] = (50, 200)
     poll_from: int = 100  # from this many clients on, consumers are polled (see loadgen.Poller)
     poll_period: float = 0.002
+    # wss clients (issue 11): "bio" reads them as ws clients are read and decrypts in memory
+    # (bench/tlsread.py); "loop": through the event loop's SSL transport (before 2026-12-03)
+    wss_reader: str = "bio"
     slow_healthy: int = 20
     slow_base_s: float = 10.0
     slow_s: float = 20.0
@@ -195,7 +198,15 @@ async def fanout(
     if poller is not None:
         poller.start()
     cons = await lg.connect_consumers(
-        clients, lat, nd, P.line_len, r.host, r.ws_port, poller=poller, tls=r.tls
+        clients,
+        lat,
+        nd,
+        P.line_len,
+        r.host,
+        r.ws_port,
+        poller=poller,
+        tls=r.tls,
+        tls_reader=P.wss_reader,
     )
     page_cons = await lg.connect_consumers(
         pages,
@@ -207,6 +218,7 @@ async def fanout(
         tls=r.tls,
         path="/ws?format=json&batch_ms=250",  # as relayd/static/status.js asks
         kind=lg.PageConsumer,
+        tls_reader=P.wss_reader,
     )
     prods = await (connect_devices or lg.connect_producers)(nd, fmt, r.host, r.tcp_port)
     sampler = Sampler(r.pid)
@@ -267,7 +279,8 @@ async def fanout(
         "clients": clients,
         "tls": r.tls is not None,
         **page_figures,
-        "consumers": f"polled every {P.poll_period * 1000:g} ms" if poller else "event-driven",
+        "consumers": (f"polled every {P.poll_period * 1000:g} ms" if poller else "event-driven")
+        + (f", TLS read by {P.wss_reader}" if r.tls else ""),
         "delivered_per_s": round((c1 - c0) / win.seconds),
         "expected_per_s": round(clients * nd * P.fanout_rate),
         "sent": sent,
