@@ -101,7 +101,7 @@ def parse_query(query: str, known_ports: Container[int]) -> Query | Closed:
 
     History (relayd(8), HISTORY AND RECOVERY): ``?last=N`` and ``?since=P:EPOCH:SEQ``
     (``parse_replay``). ``?batch_ms=N`` (0..10000): write to this client at most
-    once every N ms, as the status page asks, instead of on every loop iteration.
+    once every N ms, as the status page asks, instead of in every pass of the hub.
     """
     try:
         pairs = parse_qsl(query, keep_blank_values=True, max_num_fields=MAX_QUERY_FIELDS)
