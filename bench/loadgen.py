@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.tlsread import TlsEOF, TlsLayer, TlsProtocol, TlsSockTransport, handshake
+from bench.tlsread import TlsEOF, TlsLayer, TlsProtocol, handshake
 
 HEAD_LEN = 32  # "PPP SSSSSSSSSS TTTTTTTTTTTTTTTT "
 END_MARK = 0x24  # "$"
@@ -515,7 +515,7 @@ class Producer(asyncio.Protocol):
 class SockTransport:
     """Just enough of an asyncio transport for a Consumer whose socket is polled."""
 
-    layer: TlsLayer | None = None  # plain ws (bench/tlsread.TlsSockTransport: wss)
+    layer: TlsLayer | None = None  # plain ws (TlsSockTransport: wss)
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -539,6 +539,19 @@ class SockTransport:
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self.sock.getsockname() if name == "sockname" else default
+
+
+class TlsSockTransport(SockTransport):
+    """The poller's transport for a wss consumer: control frames go out encrypted."""
+
+    def __init__(self, sock: socket.socket, layer: TlsLayer) -> None:
+        super().__init__(sock)
+        self.layer = layer
+
+    def write(self, data: bytes) -> None:
+        if not self.closing:
+            with contextlib.suppress(OSError, ssl.SSLError):  # control frames: tiny, never block
+                self.sock.send(self.layer.encrypt(data))
 
 
 class Poller:

@@ -19,7 +19,6 @@ ratio measured the generator's TLS as much as the relay's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import ssl
 from typing import Any
@@ -98,34 +97,6 @@ async def handshake(sock: socket.socket, layer: TlsLayer, timeout: float = 30.0)
                 raise ConnectionError("closed during the TLS handshake")
             layer.incoming.write(data)
     raise ConnectionError("TLS handshake did not finish")
-
-
-class TlsSockTransport:
-    """The poller's transport for a wss consumer: control frames go out encrypted."""
-
-    def __init__(self, sock: socket.socket, layer: TlsLayer) -> None:
-        self.sock = sock
-        self.layer = layer
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        if not self.closing:
-            with contextlib.suppress(OSError, ssl.SSLError):  # control frames: tiny, never block
-                self.sock.send(self.layer.encrypt(data))
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def close(self) -> None:
-        self.closing = True
-
-    abort = close
-
-    def pause_reading(self) -> None:
-        pass
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self.sock.getsockname() if name == "sockname" else default
 
 
 class TlsProtocol(asyncio.Protocol):
