@@ -384,7 +384,7 @@ def reload(ctx: typer.Context, *, as_json: JsonOption = False) -> None:
             line = str(detail or "failed")
             if port is not None and not line.startswith(f"port {port}"):
                 line = f"port {port}: {line}"
-            typer.echo(f"relayctl: {' '.join(line.split())}", err=True)
+            note(line)
         raise typer.Exit(EXIT_REFUSED)
 
 

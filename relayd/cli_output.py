@@ -41,8 +41,13 @@ def leave(code: int) -> NoReturn:
 
 
 def note(message: str) -> None:
-    """Print one ``relayctl: …`` line on stderr and go on: progress, not a failure."""
-    echo(f"relayctl: {' '.join(message.split())}", err=True)
+    """Print one ``relayctl: …`` line on stderr and go on: progress, not a failure.
+
+    The message often carries relayd's ``detail`` or a name an operator or a
+    device chose: control characters are escaped, so it stays one line and
+    cannot drive the terminal, whether stderr is one or not.
+    """
+    echo(f"relayctl: {escape_text(' '.join(message.split()))}", err=True)
 
 
 def echo(message: str, *, err: bool = False, nl: bool = True) -> None:

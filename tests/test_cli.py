@@ -1431,6 +1431,15 @@ def test_no_colour_even_on_a_terminal(fake: FakeRelayd) -> None:
         assert "\x1b" not in text, args
 
 
+def test_a_detail_with_escape_sequences_reaches_a_terminal_escaped(fake: FakeRelayd) -> None:
+    # relayd's detail can quote what an operator or a device chose (a name, a config
+    # value): on a terminal it must not clear the screen or recolour it.
+    fake.state.reload_error = "relayd.toml: name \x1b[2J\x1b[31mred\x07 is bad"
+    text = OnATerminal("--socket", str(fake.path), "reload").output()
+    assert "\x1b" not in text and "\x07" not in text
+    assert text.strip() == "relayctl: relayd.toml: name \\x1b[2J\\x1b[31mred\\x07 is bad"
+
+
 def test_installed_relayctl_completion() -> None:
     # typer detects the shell from the parent process: run it from a bash that does not
     # exec it away (under make, the parent would otherwise be sh, which typer does not know).
