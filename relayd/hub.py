@@ -9,13 +9,14 @@ iteration. Passes over the clients start at most once per ``FLUSH_INTERVAL``
 (relayd(8), "Relaying"): a message after a quiet spell goes out at the end of
 the iteration that read it, messages that follow sooner wait for the rest of
 the interval and go together, so a busy port costs one system call per client
-and interval, not one per message. With thousands of clients that pass is long (one system call per
-client), so it writes ``FLUSH_CHUNK`` clients per loop iteration: a message
-read from a device meanwhile joins the queues of the clients the pass has not
-reached yet and goes out with it, and the others get it in the next pass.
-While a client's transport is paused (its socket is not keeping up), its queue
-holds at most ``queue_size`` messages and the overflow policy applies to that
-client alone: drop its oldest messages and count them, or close it with 1008.
+and interval, not one per message. With thousands of clients a pass is long
+(one system call per client), so it writes ``FLUSH_CHUNK`` clients per loop
+iteration: a message read from a device meanwhile joins the queues of the
+clients the pass has not reached yet and goes out with it, and the others get
+it in the next pass. While a client's transport is paused (its socket is not
+keeping up), its queue holds at most ``queue_size`` messages from one pass to
+the next and the overflow policy applies to that client alone: drop its oldest
+messages and count them, or close it with 1008.
 
 Every message also gets its port's next sequence number and is kept in that
 port's history ring (``relayd.history``) before it is fanned out; a new
