@@ -80,6 +80,19 @@ def is_utf8(data: bytes) -> bool:
     return True
 
 
+def call_when_due(
+    loop: asyncio.AbstractEventLoop, due: float, callback: Callable[[], None]
+) -> asyncio.Handle:
+    """Run ``callback`` at the end of this loop iteration, or at loop time ``due`` if later.
+
+    The rate rule of the hub's passes and of the device outbox (relayd(8)):
+    after a quiet spell at once, otherwise when the interval is up.
+    """
+    if loop.time() >= due:
+        return loop.call_soon(callback)
+    return loop.call_at(due, callback)
+
+
 def _ts_text(ts: float) -> bytes:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ").encode()
 
@@ -519,12 +532,9 @@ class Hub:
             self._wake()
 
     def _wake(self) -> None:
-        """Schedule the next flush: now when the last pass started long enough ago."""
-        loop = self._loop
-        if self._pass or loop.time() >= self._next_pass:
-            self._flush_handle = loop.call_soon(self._flush)
-        else:
-            self._flush_handle = loop.call_at(self._next_pass, self._flush)
+        """Schedule the next flush: a pass under way goes on, a new one waits its turn."""
+        due = 0.0 if self._pass else self._next_pass
+        self._flush_handle = call_when_due(self._loop, due, self._flush)
 
     def _flush(self) -> None:
         """Write the next ``FLUSH_CHUNK`` clients of the pass; start a pass when none is left.

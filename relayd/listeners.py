@@ -27,7 +27,7 @@ from typing import Any, Literal
 from relayd.config import PortSettings
 from relayd.errors import BindError, ListenerExists, ListenerNotFound, Stopping
 from relayd.framing import Framer, FramingError, make_framer
-from relayd.hub import Hub, Source
+from relayd.hub import Hub, Source, call_when_due
 from relayd.tls import FailureLog, failure_reason, handshake, peer_identity
 
 logger = logging.getLogger(__name__)
@@ -320,12 +320,9 @@ class DeviceConnection(asyncio.Protocol):
         outbox = self.outbox
         if outbox is None:
             self.outbox = [data]
-            loop = asyncio.get_running_loop()
-            due = self.outbox_next
-            if loop.time() >= due:
-                self.outbox_handle = loop.call_soon(self._outbox_due)
-            else:
-                self.outbox_handle = loop.call_at(due, self._outbox_due)
+            self.outbox_handle = call_when_due(
+                asyncio.get_running_loop(), self.outbox_next, self._outbox_due
+            )
         else:
             outbox.append(data)
         self.outbox_size = size

@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover - websockets built without its C extension
     from websockets.utils import apply_mask
 
-from relayd.hub import OP_BINARY, OP_TEXT, encode_frame
+from relayd.hub import OP_BINARY, OP_TEXT, encode_frame, is_utf8
 from relayd.listeners import format_peer
 from relayd.ws import PATH, Closed, Refused, Subscribed, WsEndpoint
 
@@ -284,7 +284,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
                     self.conn.send_text(refused)
                 return
             data = bytes(frame.data)
-            if opcode is Opcode.TEXT and not _utf8(data):
+            if opcode is Opcode.TEXT and not is_utf8(data):
                 # RFC 6455 §8.1; websockets' Sans-I/O protocol leaves the check to us
                 self.close(1007, "invalid UTF-8 in a text message")
                 return
@@ -350,7 +350,7 @@ class RelayWebSocketProtocol(asyncio.Protocol):
             mask = data[key : key + 4]
             if mask != _ZERO_MASK:
                 payload = apply_mask(payload, mask)
-            if data[i] == _TEXT_FIRST_BYTE and not _utf8(payload):
+            if data[i] == _TEXT_FIRST_BYTE and not is_utf8(payload):
                 return False  # closed with 1007 by _handle_frame
             payloads.append(payload)
             i = end
@@ -427,16 +427,6 @@ class RelayWebSocketProtocol(asyncio.Protocol):
 _QUICK_FIRST_BYTES = frozenset((0x80 | OP_TEXT, 0x80 | OP_BINARY))  # fin, no rsv
 _TEXT_FIRST_BYTE = 0x80 | OP_TEXT
 _ZERO_MASK = bytes(4)
-
-
-def _utf8(payload: bytes) -> bool:
-    if payload.isascii():
-        return True
-    try:
-        payload.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _reason(reason: str) -> str:

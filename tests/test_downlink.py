@@ -69,6 +69,20 @@ async def connected(d: Any, port: int, n: int) -> None:
     await wait_until(lambda: len(d.runtime.registry.get(port).connections) == n)
 
 
+async def device_and_client(
+    d: Daemon, port: int
+) -> tuple[
+    asyncio.StreamReader, asyncio.StreamWriter, asyncio.StreamReader, asyncio.StreamWriter, Any
+]:
+    """A device on ``port`` and a raw JSON client, both connected; the client's subscription."""
+    reader, writer = await device(port)
+    await connected(d, port, 1)
+    ws_reader, ws_writer = await json_client(d)
+    await wait_until(lambda: d.runtime.hub.clients == 1)
+    (sub,) = d.runtime.hub._subs
+    return reader, writer, ws_reader, ws_writer, sub
+
+
 def test_commands_are_parsed_strictly() -> None:
     assert parse_command(b'{"port": 8001, "data": "T\\n", "id": 7}') == Command(8001, b"T\n", id=7)
     assert parse_command(b'{"port": 8001, "data_b64": "AAE="}') == Command(8001, b"\0\1")
@@ -437,11 +451,7 @@ async def test_commands_read_together_are_answered_in_one_write_in_order(
 ) -> None:
     port = free_port()
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
-        reader, writer = await device(port)
-        await connected(d, port, 1)
-        ws_reader, ws_writer = await json_client(d)
-        await wait_until(lambda: d.runtime.hub.clients == 1)
-        (sub,) = d.runtime.hub._subs
+        reader, writer, ws_reader, ws_writer, sub = await device_and_client(d, port)
         writes: list[bytes] = []
         real_write = sub.sink.transport.write
 

@@ -26,6 +26,7 @@ from tests.helpers import (
 from tests.test_downlink import (
     connected,
     device,
+    device_and_client,
     downlink_ports,
     json_client,
     read_exactly,
@@ -94,11 +95,7 @@ async def test_commands_in_any_framing_are_answered_in_order_and_reach_the_devic
     """Whole data frames take relayd's quick path; whatever else websockets parses."""
     port = free_port()
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
-        reader, writer = await device(port)
-        await connected(d, port, 1)
-        ws_reader, ws_writer = await json_client(d)
-        await wait_until(lambda: d.runtime.hub.clients == 1)
-        (sub,) = d.runtime.hub._subs
+        reader, writer, ws_reader, ws_writer, sub = await device_and_client(d, port)
         parsed: list[int] = []  # reads that websockets parsed
         real_receive = sub.sink.conn.receive_data
 

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from tests.helpers import MS, config_text, free_port
 
@@ -86,22 +87,36 @@ sys.stdout.write(json.dumps(report))
 """
 
 
+def run_python(
+    script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 30_000 * MS
+) -> Any:
+    """Run ``script`` in a fresh interpreter; what its last line of output says, as JSON."""
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
 def test_idle_daemon_loads_the_admin_api_and_metrics_on_first_use(tmp_path: Path) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(config_text(free_port(), [free_port(), free_port()]))
     timeout = 20_000 * MS
     env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
-    proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT.format(heavy=HEAVY)]
-        + [str(cfg), str(tmp_path / "state"), str(tmp_path / "admin.sock"), str(timeout)],
-        capture_output=True,
-        text=True,
-        timeout=3 * timeout,
+    report = run_python(
+        SCRIPT.format(heavy=HEAVY),
+        str(cfg),
+        str(tmp_path / "state"),
+        str(tmp_path / "admin.sock"),
+        str(timeout),
         env=env,
-        check=False,
+        timeout=3 * timeout,
     )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
     assert report["code"] == 0
     assert report["ready"] == []
     assert (report["status"], report["after_admin"]) == ("200", ["fastapi"])
@@ -141,18 +156,10 @@ def test_relayctl_plain_commands_do_not_import_httpx(tmp_path: Path) -> None:
         thread = threading.Thread(target=answer_once)
         thread.start()
         try:
-            proc = subprocess.run(
-                [sys.executable, "-c", RELAYCTL, "--socket", str(path), "ports", "list", "--json"],
-                capture_output=True,
-                text=True,
-                timeout=30_000 * MS,
-                check=False,
-            )
+            report = run_python(RELAYCTL, "--socket", str(path), "ports", "list", "--json")
         finally:
             thread.join(30_000 * MS)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert json.loads(lines[-1]) == {"code": 0, "heavy": []}
+    assert report == {"code": 0, "heavy": []}
     assert requests[0].startswith(b"GET /v1/ports HTTP/1.1\r\n")
     assert b"\r\nUser-Agent: relayctl/" in requests[0]
 
@@ -177,15 +184,7 @@ sys.stdout.write(json.dumps(report))
 
 def test_uvicorn_package_init_waits_for_its_first_use() -> None:
     """relayd imports uvicorn's submodules only; the package's own names still work."""
-    proc = subprocess.run(
-        [sys.executable, "-c", LAZY_UVICORN],
-        capture_output=True,
-        text=True,
-        timeout=30_000 * MS,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {
+    assert run_python(LAZY_UVICORN) == {
         "after_submodules": [],
         "config_is_config": True,
         "probe": False,
@@ -226,16 +225,7 @@ def test_idle_daemon_leaves_what_it_never_uses_unrun(tmp_path: Path) -> None:
     cfg = tmp_path / "relayd.toml"
     cfg.write_text(config_text(free_port(), [free_port()]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYDANTIC_")}
-    proc = subprocess.run(
-        [sys.executable, "-c", LEAN, str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=30_000 * MS,
-        env=env,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+    report = run_python(LEAN, str(cfg), env=env)
     # set by relayd.lean where unset; one set by the user is left as it is
     assert report["env"] == ["1", "true"]
     assert {"click", "logging.config"} <= set(report["waiting"])
