@@ -19,7 +19,7 @@ from pathlib import Path
 
 import uvicorn.config
 
-from relayd import __version__, mqttsetup, server
+from relayd import __version__, logsink, mqttsetup, server
 from relayd.app import create_app
 from relayd.config import DEFAULT_CONFIG, Settings
 from relayd.errors import ConfigError
@@ -38,33 +38,11 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG
 DEFAULT_STATE_DIR = Path("/var/lib/relayd")
 
-SYSLOG_PRIORITY = {
-    logging.DEBUG: 7,
-    logging.INFO: 6,
-    logging.WARNING: 4,
-    logging.ERROR: 3,
-    logging.CRITICAL: 2,
-}
-
-
-class JournalFormatter(logging.Formatter):
-    """``<N>message``: journald reads the priority and adds its own timestamp."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        priority = SYSLOG_PRIORITY.get(record.levelno, 6)
-        return f"<{priority}>{super().format(record)}"
-
 
 def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        handler.setFormatter(JournalFormatter("%(message)s"))
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    logsink.configure(level, journal=bool(os.environ.get("JOURNAL_STREAM")))
     # uvicorn's own startup chatter repeats what relayd logs; keep its warnings and errors.
+    root = logging.getLogger()
     logging.getLogger("uvicorn.error").setLevel(max(root.level, logging.WARNING))
 
 
