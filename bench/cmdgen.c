@@ -21,8 +21,9 @@
  * (counted: "blocked"). Answers are counted by walking frame headers (7-, 16- and
  * 64-bit lengths, frames cut anywhere by reads); a payload is only looked into when
  * it is not an ack or is the ack of a sampled command. Pings are answered. Prints
- * one JSON line: sent, acked, errors, first_error, cpu_pct, ack_us, blocked. Any
- * error: one line on stderr, exit status 1.
+ * one JSON line: sent, acked, errors, first_error, cpu_pct, blocked, ack_us. Any
+ * error: one line on stderr, exit status 1. CMDGEN_SNDBUF=bytes in the environment
+ * sets the sockets' SO_SNDBUF (for tests of partial writes).
  *
  * Plain C11 and libc; `make bench-deps` builds it with $(CC) (gcc from Debian's
  * build-essential) into .venv/bench-bin/cmdgen.
@@ -46,7 +47,7 @@
 #include <unistd.h>
 
 #define INCAP 16384      /* bytes read and not yet parsed, per client */
-#define OUTCAP 65536     /* bytes the kernel did not take yet, per client */
+#define OUTCAP 65536     /* per client: ~8 s of its commands at 100/s, then an error */
 #define PEEK 256         /* payload bytes looked into before a frame is judged */
 #define ERRLEN 200       /* first_error keeps this much of the answer */
 #define TIMER UINT32_MAX /* the timerfd's epoll tag (clients are tagged by index) */
@@ -269,7 +270,8 @@ static void ws_key(char key[25]) {
 }
 
 /* Connected, upgraded (relayd's 101 checked), then non-blocking. */
-static void open_client(Client *c, const struct addrinfo *ai, const char *host, long cmd_port) {
+static void open_client(Client *c, const struct addrinfo *ai, const char *host, long cmd_port,
+                        int sndbuf) {
     struct timeval tv = {.tv_sec = 30}; /* for connect, the request and its answer */
     int err = 0;
     for (; ai; ai = ai->ai_next) {
@@ -279,6 +281,8 @@ static void open_client(Client *c, const struct addrinfo *ai, const char *host, 
         }
         setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
         setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        if (sndbuf > 0)
+            setsockopt(c->fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
         if (connect(c->fd, ai->ai_addr, ai->ai_addrlen) == 0)
             break;
         err = errno;
@@ -368,6 +372,9 @@ int main(int argc, char **argv) {
     if (*end || end == argv[7] || !(rate > 0 && rate <= 1e6))
         die("RATE must be a number of commands/s in (0, 1e6], not \"%.40s\"", argv[7]);
 
+    const char *env = getenv("CMDGEN_SNDBUF"); /* tests: small buffers, partial writes */
+    int sndbuf = env ? (int)arg(env, 0, 1 << 24, "CMDGEN_SNDBUF") : 0;
+
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai;
     int gai = getaddrinfo(host, argv[2], &hints, &ai);
     if (gai)
@@ -382,7 +389,7 @@ int main(int argc, char **argv) {
     for (long k = 0; k < count; k++) {
         Client *c = &clients[k];
         c->id = first + (int)k, c->index = (uint32_t)k;
-        open_client(c, ai, host, cmd_port);
+        open_client(c, ai, host, cmd_port, sndbuf);
         c->plainlen = command_frame(c->plain, dev_port, 'c', c->id, 0, 0, -1);
         watch(&run, c, EPOLLIN, EPOLL_CTL_ADD);
         frames(&run, c); /* any that came right behind the 101 */
