@@ -51,15 +51,16 @@
 #define PEEK 256         /* payload bytes looked into before a frame is judged */
 #define ERRLEN 200       /* first_error keeps this much of the answer */
 #define TIMER UINT32_MAX /* the timerfd's epoll tag (clients are tagged by index) */
+#define FRAME 192        /* room for a command's frame (its JSON: under 160 bytes) */
 
 typedef struct {
-    int fd, id;                /* id: FIRST + its index */
-    uint32_t index;            /* its epoll tag */
-    unsigned char in[INCAP];   /* read, not yet parsed: at most one frame's start */
-    unsigned char out[OUTCAP]; /* not taken by the kernel yet */
+    int fd, id;                 /* id: FIRST + its index */
+    uint32_t index;             /* its epoll tag */
+    unsigned char in[INCAP];    /* read, not yet parsed: at most one frame's start */
+    unsigned char out[OUTCAP];  /* not taken by the kernel yet */
     size_t inlen, outlen;
-    uint64_t skip;             /* the rest of a frame already judged, to drop */
-    unsigned char plain[128];  /* this client's constant command frame */
+    uint64_t skip;              /* the rest of a frame already judged, to drop */
+    unsigned char plain[FRAME]; /* this client's constant command frame */
     size_t plainlen;
 } Client;
 
@@ -365,7 +366,8 @@ int main(int argc, char **argv) {
     long cmd_port = arg(argv[3], 1, 65535, "CMD_PORT");
     int dev_port = (int)arg(argv[4], 1, 65535, "DEV_PORT");
     int first = (int)arg(argv[5], 0, 999, "FIRST");
-    long count = arg(argv[6], 1, 999 - first + 1, "COUNT"), sample = arg(argv[8], 1, 1L << 30, "SAMPLE");
+    long count = arg(argv[6], 1, 1000 - first, "COUNT"); /* ids have 3 digits */
+    long sample = arg(argv[8], 1, 1L << 30, "SAMPLE");
     arg(argv[2], 1, 65535, "WS_PORT");
     char *end;
     double rate = strtod(argv[7], &end);
@@ -385,7 +387,8 @@ int main(int argc, char **argv) {
     if (run.epfd < 0 || tfd < 0 || !clients)
         die("set-up: %s", strerror(errno));
     struct epoll_event tev = {.events = EPOLLIN, .data.u32 = TIMER};
-    epoll_ctl(run.epfd, EPOLL_CTL_ADD, tfd, &tev);
+    if (epoll_ctl(run.epfd, EPOLL_CTL_ADD, tfd, &tev) < 0)
+        die("epoll_ctl: %s", strerror(errno));
     for (long k = 0; k < count; k++) {
         Client *c = &clients[k];
         c->id = first + (int)k, c->index = (uint32_t)k;
@@ -400,14 +403,15 @@ int main(int argc, char **argv) {
 
     char line[256];
     double start_s, until_s, from_s;
-    if (!fgets(line, sizeof line, stdin) || sscanf(line, "%lf %lf %lf", &start_s, &until_s, &from_s) != 3)
+    if (!fgets(line, sizeof line, stdin) ||
+        sscanf(line, "%lf %lf %lf", &start_s, &until_s, &from_s) != 3)
         die("expected \"START UNTIL FROM\" on stdin");
     int64_t start = (int64_t)(start_s * 1e9), until = (int64_t)(until_s * 1e9);
     int64_t from_us = (int64_t)(from_s * 1e6);
     double step = 1e9 / (rate * (double)count); /* ns between two commands of this process */
     long sent = 0;
     int64_t due = start, cpu0 = now_ns(CLOCK_PROCESS_CPUTIME_ID), cpu = -1;
-    int64_t deadline = until + 5000000000LL; /* for the answers, as bench/cmdgen.py did */
+    int64_t deadline = until + 5000000000LL; /* for the last answers: 5 s */
     arm(tfd, due);
     for (;;) {
         int64_t now = now_ns(CLOCK_MONOTONIC);
@@ -437,7 +441,7 @@ int main(int argc, char **argv) {
                     put(&run, c, c->plain, c->plainlen);
                     continue;
                 }
-                unsigned char f[160];
+                unsigned char f[FRAME];
                 int64_t ts = now_ns(CLOCK_MONOTONIC) / 1000;
                 put(&run, c, f, command_frame(f, dev_port, 'C', c->id, sent / count, ts,
                                               ts >= from_us ? ts : -1));
