@@ -49,6 +49,8 @@ BENCH_BIN     ?= .venv/bench-bin
 CMDGEN_CFLAGS ?= -std=c11 -O2 -Wall -Wextra -Werror
 
 $(BENCH_BIN)/cmdgen: bench/cmdgen.c
+	@command -v $(CC) >/dev/null || { \
+	  echo "make bench-deps: no C compiler ($(CC)) for bench/cmdgen.c (apt install build-essential)" >&2; exit 1; }
 	@mkdir -p $(BENCH_BIN)
 	$(CC) $(CMDGEN_CFLAGS) -o $@ bench/cmdgen.c
 
