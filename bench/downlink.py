@@ -152,20 +152,27 @@ async def _command_processes(
             stderr=asyncio.subprocess.PIPE,
         )
         started.append(proc)
-    for proc in started:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
-        if line != b"ready\n":
-            raise RuntimeError(f"cmdgen did not start: {await _failure(proc)}")
+    try:
+        for proc in started:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
+            if line != b"ready\n":
+                assert proc.stderr is not None
+                async with asyncio.timeout(5.0):  # it stopped: its one line on stderr
+                    err = (await proc.stderr.read()).decode(errors="replace").strip()
+                raise RuntimeError(f"cmdgen did not start: {err[:300]}")
+    except BaseException:
+        await _stop(started)
+        raise
     return started
 
 
-async def _failure(proc: asyncio.subprocess.Process) -> str:
-    """The one line a cmdgen that stopped wrote on stderr."""
-    assert proc.stderr is not None
-    async with asyncio.timeout(5.0):
-        err = await proc.stderr.read()
-    return err.decode(errors="replace").strip()[:300] or f"exit status {await proc.wait()}"
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    """Killed if still running, reaped, their pipes closed."""
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.communicate()
 
 
 async def _commands(
@@ -255,10 +262,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         finally:
             for dev in devices:
                 dev.close_now()
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await _stop(procs)
     read = sum(d.read for d in devices)
     up99, base99 = loaded.get("p99_ms"), base.get("p99_ms")
     out.update(
@@ -332,10 +336,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     finally:
         for dev in devices:
             dev.close_now()
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await _stop(procs)
     return {
         "commands_sent": n.sent,
         "command_errors": n.errors,

@@ -19,11 +19,13 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from tests.helpers import MS, NotifySocket, free_port, run_daemon
+from bench import downlink
+from bench.scenarios import Relay
+from tests.helpers import MS, Daemon, NotifySocket, free_port, run_daemon
 from tests.test_downlink import connected, device, downlink_ports
 
 pytestmark = pytest.mark.anyio
@@ -362,3 +364,43 @@ async def test_an_upgrade_refused_is_an_error(cmdgen: Path) -> None:
         port = server.sockets[0].getsockname()[1]
         err = await failure(cmdgen, "127.0.0.1", port, 9, 1, 0, 1, 10, 10)
     assert err == "cmdgen: client 0: upgrade refused: HTTP/1.1 403 Forbidden\n"
+
+
+# --- as bench/downlink.py runs it
+
+
+def relay(d: Daemon | None, ws_port: int, dev_port: int) -> Relay:
+    return Relay("relayd", cast(Any, None), "127.0.0.1", ws_port, dev_port)
+
+
+async def test_downlink_bench_runs_it_and_sums_its_processes(
+    tmp_path: Path, notify: NotifySocket, cmdgen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(downlink, "CMDGEN", cmdgen)
+    monkeypatch.setattr(downlink, "CLIENTS", 4)
+    monkeypatch.setattr(downlink, "RATE", 50.0)
+    dev_port = free_port()
+    async with run_daemon(tmp_path, notify, nports=1, extra=downlink_ports(dev_port)) as d:
+        reader, writer = await device(dev_port)
+        await connected(d, dev_port, 1)
+        procs = await downlink._command_processes(relay(d, d.http_port, dev_port), d.ports[0], 2)
+        n = downlink.Counts()
+        start = time.monotonic() + 0.05
+        await downlink._commands(procs, start, start + 0.4, n)
+        lines = await read_lines(reader, n.sent)
+        writer.close()
+    assert n.sent == 80 == len(lines)  # 2 processes x 2 clients x 50/s x 0.4 s
+    assert (n.acked, n.errors, n.first_error, n.blocked) == (80, 0, None, 0)
+    assert len(n.cpu_pct) == 2 and len(n.ack_us) == 80 // downlink.SAMPLE
+
+
+async def test_downlink_bench_says_what_went_wrong(
+    tmp_path: Path, cmdgen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(downlink, "CMDGEN", tmp_path / "cmdgen")
+    with pytest.raises(RuntimeError, match=r"cmdgen is missing: run `make bench-deps`"):
+        await downlink._command_processes(relay(None, 1, 1), 1, 1)
+    monkeypatch.setattr(downlink, "CMDGEN", cmdgen)
+    nobody = relay(None, free_port(), 1)
+    with pytest.raises(RuntimeError, match=r"did not start: cmdgen: client 0: cannot connect"):
+        await downlink._command_processes(nobody, 1, 1)
