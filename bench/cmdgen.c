@@ -69,7 +69,8 @@ typedef struct {
     int epfd;
     long blocked; /* writes the kernel did not take whole */
     long acked, errors;
-    char first_error[ERRLEN + 1];
+    unsigned char first_error[ERRLEN];
+    size_t first_error_len;
     int64_t *ack_us; /* sampled commands: send -> ack read, in µs */
     size_t n_ack_us, cap_ack_us;
 } Run;
@@ -170,8 +171,10 @@ static void answer(Run *r, const unsigned char *p, size_t n) {
     static const char ACK[] = "{\"ack\": ";
     size_t i = sizeof ACK - 1;
     if (n < i || memcmp(p, ACK, i) != 0) {
-        if (r->errors++ == 0)
-            memcpy(r->first_error, p, n < ERRLEN ? n : ERRLEN);
+        if (r->errors++ == 0) {
+            r->first_error_len = n < ERRLEN ? n : ERRLEN;
+            memcpy(r->first_error, p, r->first_error_len);
+        }
         return;
     }
     r->acked++;
@@ -338,8 +341,8 @@ static void result(const Run *r, long sent, double cpu_pct) {
            r->errors);
     if (r->errors) {
         putchar('"');
-        for (const char *p = r->first_error; *p; p++) {
-            unsigned char ch = (unsigned char)*p;
+        for (size_t i = 0; i < r->first_error_len; i++) {
+            unsigned char ch = r->first_error[i];
             if (ch == '"' || ch == '\\')
                 printf("\\%c", ch);
             else if (ch < 0x20 || ch == 0x7F)

@@ -285,7 +285,7 @@ class StandIn:
             writer.close()
 
 
-ERROR = b'{"error": "say \\"no\\" \\\\ \x01 caf\xc3\xa9 ' + b"x" * 300 + b'", "id": null}'
+ERROR = b'{"error": "say \\"no\\" \\\\ \x01 \x00 caf\xc3\xa9 ' + b"x" * 300 + b'", "id": null}'
 
 
 def answers(i: int, command: dict[str, Any]) -> bytes:
