@@ -136,12 +136,14 @@ async def test_commands_go_on_time_are_acked_and_reach_the_device(
         k = seq * clients + cid - first  # the command's place in the round robin
         sampled.append(k)
         due_us = gen.start * 1e6 + k * 1e6 / (clients * rate)
-        assert due_us - 1 <= ts <= gen.until * 1e6, (k, ts - due_us)  # never early
+        assert due_us - 1 <= ts, (k, ts - due_us)  # never early
+        assert ts <= gen.until * 1e6 + 5e6  # late only as the machine delays it
     assert per_client == dict.fromkeys(per_client, 200)
     assert sorted(sampled) == list(range(0, 600, sample))
     # Sampled commands sent from FROM (start + 0.25 s) on have their send time as id:
-    # k = 300, 304, …, 596 (one command each 0.83 ms), their acks timed.
-    assert 70 <= len(got["ack_us"]) <= 80
+    # k = 300, 304, …, 596 (one command each 0.83 ms; more if the machine delays some),
+    # their acks timed.
+    assert 74 <= len(got["ack_us"]) < 150
     assert all(0 <= us < 10_000_000 for us in got["ack_us"])
     assert got["blocked"] == 0 and 0 <= got["cpu_pct"] < 100
 
