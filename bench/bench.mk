@@ -42,6 +42,20 @@ bench-deps: $(BENCH_SITE)/.stamp
 	@$(BENCH_PY) -c 'import relayd' 2>/dev/null || { \
 	  echo "make bench: relayd is not installed in .venv (run: make test, or make run)" >&2; exit 1; }
 
+# Issue 12: downlink50's command clients, compiled (bench/cmdgen.c: epoll, raw sockets,
+# libc only) so that the generator's core is not the limit. $(CC) is gcc from Debian's
+# build-essential.
+BENCH_BIN     ?= .venv/bench-bin
+CMDGEN_CFLAGS ?= -std=c11 -O2 -Wall -Wextra -Werror
+
+$(BENCH_BIN)/cmdgen: bench/cmdgen.c
+	@command -v $(CC) >/dev/null || { \
+	  echo "make bench-deps: no C compiler ($(CC)) for bench/cmdgen.c (apt install build-essential)" >&2; exit 1; }
+	@mkdir -p $(BENCH_BIN)
+	$(CC) $(CMDGEN_CFLAGS) -o $@ bench/cmdgen.c
+
+bench-deps: $(BENCH_BIN)/cmdgen
+
 bench: bench-deps
 	$(BENCH_PY) -m bench.run --markdown bench/RESULTS.md $(BENCH_V1_ARG) $(BENCH_ARGS)
 

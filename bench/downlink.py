@@ -8,10 +8,11 @@ so each device reads ``downlink_clients * downlink_rate`` commands/s.
 The command clients use the JSON format on a connection subscribed to the
 relay's second, device-less port (``commands``, found in ``/status.json``),
 so they add no uplink fan-out of their own; each command names the devices'
-port. The clients are bench.cmdgen processes (raw sockets, pre-built frames),
-so that the generator is not the limit; one command in SAMPLE carries its send
-time, and the device that reads it records the round trip (client send ->
-device read) in a ``loadgen.Latency``.
+port. The clients are one compiled process (bench/cmdgen.c, built by ``make
+bench-deps``: epoll, raw sockets, pre-built frames), so that the generator is
+not the limit; one command in SAMPLE carries its send time, and the device that
+reads it records the round trip (client send -> device read) in a
+``loadgen.Latency``.
 
 Only relayd has a downlink: the reference relays report ``downlink_error``.
 """
@@ -21,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -34,7 +34,8 @@ from bench.scenarios import Hooks, Params, Relay, fanout
 CLIENTS = 50
 RATE = 100.0  # commands/s per client
 ROOT = Path(__file__).resolve().parent.parent
-PROCESSES = 3  # bench.cmdgen processes the clients are spread over
+CMDGEN = ROOT / ".venv" / "bench-bin" / "cmdgen"  # bench/cmdgen.c, built by `make bench-deps`
+PROCESSES = 1  # cmdgen processes the clients are spread over: one does them all
 SAMPLE = 10  # one command in SAMPLE carries its send time (the round trip's sample)
 
 
@@ -42,7 +43,7 @@ class CommandDevice(lg.Producer):
     """A device of the fan-out that also reads the commands written to it.
 
     Commands are counted by their newlines; only the sampled ones (``C…``,
-    bench/cmdgen.py) are parsed for their send time.
+    bench/cmdgen.c) are parsed for their send time.
     """
 
     def __init__(self, pid: int, fmt: bytes, lat: lg.Latency) -> None:
@@ -108,7 +109,8 @@ class Counts:
         self.acked = 0
         self.errors = 0
         self.first_error: str | None = None
-        self.cpu_pct: list[float] = []  # each bench.cmdgen process's, while sending
+        self.cpu_pct: list[float] = []  # each cmdgen process's, while sending
+        self.blocked = 0  # writes the kernel did not take whole (finished on EPOLLOUT)
         self.ack_us: list[int] = []  # sampled commands: client send -> its ack read (µs)
 
     def ack_summary(self) -> dict[str, float | None]:
@@ -135,29 +137,42 @@ async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.
 async def _command_processes(
     r: Relay, cmd_port: int, procs: int
 ) -> list[asyncio.subprocess.Process]:
-    """``procs`` bench.cmdgen processes sharing the CLIENTS clients, each one ready."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".venv" / "bench-site"), str(ROOT)])
+    """``procs`` cmdgen processes sharing the CLIENTS clients, each one ready."""
+    if not os.access(CMDGEN, os.X_OK):
+        raise RuntimeError(f"{CMDGEN} is missing: run `make bench-deps` (builds bench/cmdgen.c)")
     started = []
     for k in range(procs):
         first, last = k * CLIENTS // procs, (k + 1) * CLIENTS // procs
         args = [r.host, r.ws_port, cmd_port, r.tcp_port, first, last - first, RATE, SAMPLE]
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bench.cmdgen",
+            CMDGEN,
             *map(str, args),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
+            stderr=asyncio.subprocess.PIPE,
         )
         started.append(proc)
-    for proc in started:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
-        if line != b"ready\n":
-            raise RuntimeError(f"bench.cmdgen did not start: {line[:200]!r}")
+    try:
+        for proc in started:
+            assert proc.stdout is not None
+            line = await asyncio.wait_for(proc.stdout.readline(), 60.0)
+            if line != b"ready\n":
+                assert proc.stderr is not None
+                async with asyncio.timeout(5.0):  # it stopped: its one line on stderr
+                    err = (await proc.stderr.read()).decode(errors="replace").strip()
+                raise RuntimeError(f"cmdgen did not start: {err[:300]}")
+    except BaseException:
+        await _stop(started)
+        raise
     return started
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    """Killed if still running, reaped, their pipes closed."""
+    for proc in procs:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.communicate()
 
 
 async def _commands(
@@ -179,13 +194,16 @@ async def _commands(
         )
         await proc.stdin.drain()
     for proc in procs:
-        out, _ = await asyncio.wait_for(proc.communicate(), until - time.monotonic() + 30.0)
+        out, err = await asyncio.wait_for(proc.communicate(), until - time.monotonic() + 30.0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"cmdgen failed: {err.decode(errors='replace').strip()[:300]}")
         got = json.loads(out)
         n.sent += got["sent"]
         n.acked += got["acked"]
         n.errors += got["errors"]
         n.first_error = n.first_error or got["first_error"]
         n.cpu_pct.append(got["cpu_pct"])
+        n.blocked += got["blocked"]
         n.ack_us.extend(got["ack_us"])
 
 
@@ -244,10 +262,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         finally:
             for dev in devices:
                 dev.close_now()
-            for proc in procs:
-                if proc.returncode is None:
-                    proc.kill()
-                    await proc.wait()
+            await _stop(procs)
     read = sum(d.read for d in devices)
     up99, base99 = loaded.get("p99_ms"), base.get("p99_ms")
     out.update(
@@ -258,6 +273,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
             "command_errors": n.errors,
             "first_error": n.first_error,
             "cmdgen_cpu_pct": n.cpu_pct,
+            "cmdgen_blocked": n.blocked,
             "device_reads": read,
             "commands_unanswered": n.sent - n.acked - n.errors,  # after 5 s
             "device_reads_expected": n.sent * P.fanout_devices,  # were none refused
@@ -320,10 +336,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     finally:
         for dev in devices:
             dev.close_now()
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+        await _stop(procs)
     return {
         "commands_sent": n.sent,
         "command_errors": n.errors,
@@ -336,4 +349,5 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         "cmd_p99_ms": lg._r(lat.percentile(0.99)),
         **n.ack_summary(),
         "cmdgen_cpu_pct": n.cpu_pct,
+        "cmdgen_blocked": n.blocked,
     }
