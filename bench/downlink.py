@@ -31,8 +31,6 @@ from bench import loadgen as lg
 from bench.procstat import cpu_seconds
 from bench.scenarios import Hooks, Params, Relay, fanout
 
-CLIENTS = 50
-RATE = 100.0  # commands/s per client
 ROOT = Path(__file__).resolve().parent.parent
 CMDGEN = ROOT / ".venv" / "bench-bin" / "cmdgen"  # bench/cmdgen.c, built by `make bench-deps`
 PROCESSES = 1  # cmdgen processes the clients are spread over: one does them all
@@ -135,15 +133,17 @@ async def _all_connected(url: str, port: int, devices: int, timeout: float = 30.
 
 
 async def _command_processes(
-    r: Relay, cmd_port: int, procs: int
+    r: Relay, cmd_port: int, procs: int, P: Params | None = None
 ) -> list[asyncio.subprocess.Process]:
-    """``procs`` cmdgen processes sharing the CLIENTS clients, each one ready."""
+    """``procs`` cmdgen processes sharing the ``P.downlink_clients`` clients, each one ready."""
     if not os.access(CMDGEN, os.X_OK):
         raise RuntimeError(f"{CMDGEN} is missing: run `make bench-deps` (builds bench/cmdgen.c)")
     started = []
+    P = P or Params()
+    clients, rate = P.downlink_clients, P.downlink_rate
     for k in range(procs):
-        first, last = k * CLIENTS // procs, (k + 1) * CLIENTS // procs
-        args = [r.host, r.ws_port, cmd_port, r.tcp_port, first, last - first, RATE, SAMPLE]
+        first, last = k * clients // procs, (k + 1) * clients // procs
+        args = [r.host, r.ws_port, cmd_port, r.tcp_port, first, last - first, rate, SAMPLE]
         proc = await asyncio.create_subprocess_exec(
             CMDGEN,
             *map(str, args),
@@ -213,8 +213,8 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         "uplink_p99_base_ms": base.get("p99_ms"),
         "relay_cpu_pct_base": base.get("relay_cpu_pct"),  # fanout50 alone
         "gen_cpu_pct_base": base.get("gen_cpu_pct"),
-        "downlink_clients": CLIENTS,
-        "downlink_rate": RATE,
+        "downlink_clients": P.downlink_clients,
+        "downlink_rate": P.downlink_rate,
     }
     try:
         cmd_port = _command_port(r)
@@ -237,7 +237,7 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
 
     n = Counts()
     url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"
-    procs = await _command_processes(r, cmd_port, PROCESSES)  # off the clock
+    procs = await _command_processes(r, cmd_port, PROCESSES, P)  # off the clock
 
     async def commands() -> None:
         await asyncio.wait_for(connected.wait(), 60.0)  # fanout() connects them first
@@ -307,7 +307,7 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         await lg._connect(lambda pid=pid: CommandDevice(pid, fmt, lat), r.host, r.tcp_port)
         for pid in range(P.fanout_devices)
     ]
-    procs = await _command_processes(r, cmd_port, PROCESSES)
+    procs = await _command_processes(r, cmd_port, PROCESSES, P)
     n = Counts()
     try:
         url = f"ws://{r.host}:{r.ws_port}/ws?format=json&port={cmd_port}"

@@ -94,6 +94,9 @@ class Params:
     scale_workers: int = 4  # generator processes holding the clients
     scale_parallel: int = 50  # handshakes in flight per generator process
     scale_sample: int = 10  # 1 client in this many records latency
+    # issue 12, bench/downlink.py: downlink50's command clients and their commands/s each
+    downlink_clients: int = 50
+    downlink_rate: float = 100.0
 
     def quick(self) -> Params:
         return replace(

@@ -24,7 +24,7 @@ from typing import Any, cast
 import pytest
 
 from bench import downlink
-from bench.scenarios import Relay
+from bench.scenarios import Params, Relay
 from tests.helpers import MS, Daemon, NotifySocket, free_port, run_daemon
 from tests.test_downlink import connected, device, downlink_ports
 
@@ -379,13 +379,12 @@ async def test_downlink_bench_runs_it_and_sums_its_processes(
     tmp_path: Path, notify: NotifySocket, cmdgen: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(downlink, "CMDGEN", cmdgen)
-    monkeypatch.setattr(downlink, "CLIENTS", 4)
-    monkeypatch.setattr(downlink, "RATE", 50.0)
     dev_port = free_port()
     async with run_daemon(tmp_path, notify, nports=1, extra=downlink_ports(dev_port)) as d:
         reader, writer = await device(dev_port)
         await connected(d, dev_port, 1)
-        procs = await downlink._command_processes(relay(d, d.http_port, dev_port), d.ports[0], 2)
+        P = Params(downlink_clients=4, downlink_rate=50.0)
+        procs = await downlink._command_processes(relay(d, d.http_port, dev_port), d.ports[0], 2, P)
         n = downlink.Counts()
         start = time.monotonic() + 0.05
         await downlink._commands(procs, start, start + 0.4, n)
