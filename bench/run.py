@@ -632,6 +632,40 @@ class RelayProcess:
         return proc.returncode
 
 
+async def wakeup_lateness(cores: list[int], seconds: float = 3.0) -> str:
+    """bench/jitter.py on each core at once: the machine's floor under the latencies."""
+    procs = [
+        await asyncio.create_subprocess_exec(
+            "taskset",
+            "-c",
+            str(core),
+            sys.executable,
+            "-m",
+            "bench.jitter",
+            str(seconds),
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+        )
+        for core in cores
+    ]
+    parts = []
+    for core, proc in zip(cores, procs, strict=True):
+        out, _ = await proc.communicate()
+        try:
+            j = json.loads(out)
+        except ValueError:
+            parts.append(f"core {core}: not measured (exit {proc.returncode})")
+            continue
+        parts.append(
+            f"core {core} p50 {j['p50_ms']:.3f}, p99 {j['p99_ms']:.3f}, "
+            f"p99.9 {j['p999_ms']:.3f}, max {j['max_ms']:.3f} ms"
+        )
+    return (
+        f"wake-up lateness of a 1 ms timer, {seconds:g} s before the scenarios "
+        f"(bench/jitter.py): {'; '.join(parts)}"
+    )
+
+
 # -- profiling ---------------------------------------------------------------------
 
 
@@ -953,6 +987,8 @@ async def amain(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = []
     loops: dict[str, bool] = {}
     load_before = os.getloadavg()
+    floor = await wakeup_lateness([c for c in (relay_core, gen_core) if c is not None])
+    print(f"# {floor}")
     with tempfile.TemporaryDirectory(prefix="relay-bench-") as tmp:
         tls = None
         if any(SETUP.get(s, {}).get("tls") for s in scenarios):
@@ -1003,7 +1039,7 @@ async def amain(args: argparse.Namespace) -> int:
     compare = compare_table(results)
     load = (
         f"- load average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}, "
-        f"after: {' '.join(f'{x:.2f}' for x in load_after)}\n"
+        f"after: {' '.join(f'{x:.2f}' for x in load_after)}\n- {floor}\n"
     )
     print(f"\n## medians of {args.repeat} run(s)\n")
     print(load)
