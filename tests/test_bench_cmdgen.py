@@ -17,7 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, cast
 
@@ -50,6 +50,20 @@ def cmdgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return binary
 
 
+def spawn(
+    cmdgen: Path, args: tuple[object, ...], env: dict[str, str] | None
+) -> Coroutine[Any, Any, asyncio.subprocess.Process]:
+    """cmdgen with ``args``, its three standard streams piped, ``env`` added to ours."""
+    return asyncio.create_subprocess_exec(
+        cmdgen,
+        *map(str, args),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=os.environ | (env or {}),
+    )
+
+
 class Run:
     """One cmdgen process: started, given its window, its JSON line and stderr read."""
 
@@ -59,14 +73,7 @@ class Run:
 
     @classmethod
     async def ready(cls, cmdgen: Path, *args: object, env: dict[str, str] | None = None) -> Run:
-        proc = await asyncio.create_subprocess_exec(
-            cmdgen,
-            *map(str, args),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=os.environ | (env or {}),
-        )
+        proc = await spawn(cmdgen, args, env)
         assert proc.stdout is not None
         async with asyncio.timeout(10_000 * MS):
             line = await proc.stdout.readline()
@@ -167,14 +174,7 @@ async def failure(
     cmdgen: Path, *args: object, window: float | None = None, env: dict[str, str] | None = None
 ) -> str:
     """A cmdgen that fails (before or after ``ready``): its one line on stderr."""
-    proc = await asyncio.create_subprocess_exec(
-        cmdgen,
-        *map(str, args),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=os.environ | (env or {}),
-    )
+    proc = await spawn(cmdgen, args, env)
     line = b""
     if window is not None:
         now = time.monotonic()
