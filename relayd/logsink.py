@@ -90,9 +90,16 @@ class LoopBatchedHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.flush()
 
 
-def stderr_stream() -> TextIO:
-    """Standard error's file descriptor behind a buffer of ``BUFFER`` bytes, not line buffered."""
-    raw = io.FileIO(sys.stderr.fileno(), "w", closefd=False)
+def stderr_stream() -> TextIO | None:
+    """Standard error's file descriptor behind a buffer of ``BUFFER`` bytes, not line buffered.
+
+    None when there is none (started with it closed: Python's ``sys.stderr`` is None).
+    """
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+    raw = io.FileIO(fd, "w", closefd=False)
     return io.TextIOWrapper(
         io.BufferedWriter(raw, BUFFER), encoding="utf-8", errors="backslashreplace"
     )
@@ -100,7 +107,12 @@ def stderr_stream() -> TextIO:
 
 def configure(level: str, *, journal: bool) -> None:
     """The root logger writes to standard error at ``level``; for journald if ``journal``."""
-    handler = LoopBatchedHandler(stderr_stream())
+    stream = stderr_stream()
+    handler: logging.Handler
+    if stream is None:  # nowhere to write: nothing to format either
+        handler = logging.NullHandler()
+    else:
+        handler = LoopBatchedHandler(stream)
     if journal:
         handler.setFormatter(JournalFormatter("%(message)s"))
     else:

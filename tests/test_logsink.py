@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -119,9 +122,6 @@ def test_time_formatter_matches_logging_formatter() -> None:
 
 def test_configure_writes_to_standard_error() -> None:
     """The real stream: standard error's descriptor, not Python's sys.stderr object."""
-    import subprocess
-    import sys
-
     script = (
         "import asyncio, logging\n"
         "from relayd import logsink\n"
@@ -139,3 +139,25 @@ def test_configure_writes_to_standard_error() -> None:
         "INFO on the loop é",
         "WARNING after",
     ]
+
+
+def test_configure_without_standard_error_starts_quietly() -> None:
+    """Started with descriptor 2 closed, as some supervisors do: no crash, no output."""
+    script = (
+        "import asyncio, logging\n"
+        "from relayd import logsink\n"
+        "logsink.configure('info', journal=True)\n"
+        "async def main():\n"
+        "    logging.getLogger('relayd').info('nowhere')\n"
+        "asyncio.run(main())\n"
+        "logging.getLogger('relayd').error('nowhere either')\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.close(2),  # noqa: PLW1509  (single-threaded here)
+    )
+    assert (done.returncode, done.stdout) == (0, b"ok\n")
