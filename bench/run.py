@@ -532,8 +532,10 @@ class RelayProcess:
         tls: Tls | None = None,
         auth: str | None = None,
         extra_config: str = "",
+        spare_cores: tuple[int, ...] = (),
     ) -> None:
         self.extra_config = extra_config  # relayd only: appended to its config
+        self.spare_cores = spare_cores
         self.name, self.core, self.gen_core, self.workdir, self.P = name, core, gen_core, workdir, P
         self.exe, self.tls, self.auth = exe, tls, auth
         self.log = workdir / f"{name}.log"
@@ -588,6 +590,7 @@ class RelayProcess:
             self.gen_core,
             tls=self.tls.client_context() if self.tls else None,
             admin_socket=str(self.workdir / "admin.sock") if self.exe else None,
+            spare_cores=self.spare_cores,
         )
         try:
             if self.name == NODERED:  # no READY=1: ready once its ports accept
@@ -1010,6 +1013,7 @@ async def amain(args: argparse.Namespace) -> int:
                         exe=exes.get(name),
                         tls=tls if setup.get("tls") else None,
                         auth=setup.get("auth"),
+                        spare_cores=tuple(c for c in cores if c not in (relay_core, gen_core)),
                     )
                     res: dict[str, Any] = {"scenario": scen, "relay": name, "run": run}
                     try:

@@ -36,6 +36,7 @@ class Relay:
     tcp_port: int
     core: int | None = None  # the core the relay is pinned to
     gen_core: int | None = None  # the generator's
+    spare_cores: tuple[int, ...] = ()  # neither's (a machine of 3 cores or more)
     tls: ssl.SSLContext | None = None  # set when [http] speaks TLS: the clients' context
     admin_socket: str | None = None  # relayd's, for creating tokens
 
