@@ -37,7 +37,7 @@ SMALL = {"CMDGEN_SNDBUF": "4096"}  # the clients' send buffers: the kernel defer
 
 @pytest.fixture(scope="module")
 def cmdgen(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """bench/cmdgen.c built as bench/bench.mk builds it (warnings are errors)."""
+    """bench/cmdgen.c built as bench/bench.mk builds it, and here warnings are errors."""
     cc = shutil.which("cc")
     if cc is None:
         pytest.skip("no C compiler (cc) on PATH: Debian's build-essential builds bench/cmdgen.c")
