@@ -212,6 +212,24 @@ async def _commands(
         n.ack_us.extend(got["ack_us"])
 
 
+async def _devices_read(
+    devices: list[CommandDevice], expected: int, refused: bool, timeout: float
+) -> bool:
+    """Until the devices have read ``expected`` commands; False if ``timeout`` runs out first.
+
+    Every command acked was put in some devices' buffers; with refusals
+    (``refused``), in fewer than all: then until the devices stop reading for a second.
+    """
+    last, still = -1, 0
+    for _ in range(int(timeout * 100)):
+        read = sum(d.read for d in devices)
+        if read >= expected or (refused and still >= 100):
+            return True
+        last, still = read, still + 1 if read == last else 0
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     base = await fanout(r, P, hooks, P.fanout_clients[0])
     out: dict[str, Any] = {
@@ -264,6 +282,8 @@ async def downlink50(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
     finally:
         try:
             await sender
+            # What relayd's device outboxes still held when the last ack came.
+            await _devices_read(devices, n.sent * P.fanout_devices, bool(n.errors), 2.0)
         finally:
             for dev in devices:
                 dev.close_now()
@@ -325,17 +345,8 @@ async def downlink_cost(r: Relay, P: Params, hooks: Hooks) -> dict[str, Any]:
         await hooks.opened(r, "downlink_cost", P.fanout_s)  # --profile: py-spy from here
         lat.on = True
         await _commands(procs, start, start + P.fanout_s, n)
-        # Every command acked was put in some devices' buffers (with refusals, in
-        # fewer than all: then until the devices stop reading for a second).
         expected = probes + n.sent * P.fanout_devices
-        last, still = -1, 0
-        for _ in range(3000):  # up to 30 s for what the relay still holds
-            read = sum(d.read for d in devices)
-            if read >= expected or (n.errors and still >= 100):
-                break
-            last, still = read, still + 1 if read == last else 0
-            await asyncio.sleep(0.01)
-        else:
+        if not await _devices_read(devices, expected, bool(n.errors), 30.0):
             raise TimeoutError("the devices did not read every command in 30 s")
         cpu = cpu_seconds(r.proc.pid) - cpu0
         user1, sys1 = _user_sys_seconds(r.proc.pid)

@@ -415,3 +415,24 @@ async def test_downlink_bench_says_what_went_wrong(
     nobody = relay(None, free_port(), 1)
     with pytest.raises(RuntimeError, match=r"did not start: cmdgen: client 0: cannot connect"):
         await downlink._command_processes(nobody, 1, 1)
+
+
+async def test_downlink_bench_waits_for_what_the_outboxes_still_hold() -> None:
+    """Devices are closed once they read every command acked (or it is clear they will not)."""
+
+    class Dev:
+        read = 0
+
+    devs = [Dev(), Dev()]
+
+    async def reading() -> None:
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+            for d in devs:
+                d.read += 1
+
+    feeder = asyncio.create_task(reading())
+    assert await downlink._devices_read(cast(Any, devs), 10, False, 5.0)
+    await feeder
+    assert sum(d.read for d in devs) == 10
+    assert not await downlink._devices_read(cast(Any, devs), 11, False, 0.1)  # one never comes
