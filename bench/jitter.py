@@ -34,7 +34,10 @@ def lateness(seconds: float, period: float = PERIOD) -> dict[str, Any]:
         due = max(due + period, now)  # behind: no burst to catch up
     late.sort()
     n = len(late)
-    at = lambda q: round(late[min(n - 1, int(q * n))], 3)  # noqa: E731
+
+    def at(q: float) -> float:
+        return round(late[min(n - 1, int(q * n))], 3)
+
     return {"n": n, "p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1)}
 
 
