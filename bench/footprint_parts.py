@@ -54,15 +54,19 @@ sys.stdout.write(json.dumps(out))
 """
 
 
+def _has(directory: Path | None, module: str) -> bool:
+    """Whether that relayd has ``relayd.<module>``: the checkout in ``directory``, or else
+    this checkout's or the installed one (packaging/e2e/run.sh --footprint)."""
+    if directory:
+        return (directory / "relayd" / f"{module}.py").exists()
+    return find_spec(f"relayd.{module}") is not None
+
+
 def parts(directory: Path | None) -> list[tuple[str, int]]:
     env = dict(os.environ)
-    if directory:
-        lazy = (directory / "relayd" / "lazy_uvicorn.py").exists()
-    else:  # this checkout's relayd, or the installed one (packaging/e2e/run.sh --footprint)
-        lazy = find_spec("relayd.lazy_uvicorn") is not None
-    first = ["relayd.lazy_uvicorn"] if lazy else []
+    first = ["relayd.lazy_uvicorn"] if _has(directory, "lazy_uvicorn") else []
     groups = [(n, first + m if n.startswith("uvicorn") else m) for n, m in GROUPS]
-    if (directory / "relayd" / "lean.py").exists() if directory else find_spec("relayd.lean"):
+    if _has(directory, "lean"):
         # what relayd.daemon does first: pydantic's extras off, click & co. deferred
         groups.insert(1, ("relayd.lean", ["relayd.lean"]))
     if directory:

@@ -15,8 +15,6 @@ from ``uvicorn.config`` without it.
 
 from __future__ import annotations
 
-from types import ModuleType
-
 from relayd import lean
 
 
@@ -30,11 +28,6 @@ def _config() -> type:
     from uvicorn.config import Config
 
     return Config
-
-
-def initialised(module: ModuleType) -> bool:
-    """Whether the package's own ``__init__`` has run (for the tests)."""
-    return lean.initialised(module)
 
 
 install()

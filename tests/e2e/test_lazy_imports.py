@@ -166,18 +166,18 @@ def test_relayctl_plain_commands_do_not_import_httpx(tmp_path: Path) -> None:
 
 LAZY_UVICORN = """
 import importlib.metadata, json, sys
-from relayd import lazy_uvicorn
+from relayd import lazy_uvicorn, lean
 import uvicorn, uvicorn.config, uvicorn.server
 import uvicorn.lifespan.on  # does `from uvicorn import Config`
 from uvicorn import Config
 report = {"after_submodules": [m for m in ("uvicorn.main", "multiprocessing") if m in sys.modules]}
 report["config_is_config"] = Config is uvicorn.config.Config
 report["probe"] = hasattr(uvicorn, "__wrapped__")
-report["initialised_early"] = lazy_uvicorn.initialised(uvicorn)
+report["initialised_early"] = lean.initialised(uvicorn)
 report["version"] = uvicorn.__version__ == importlib.metadata.version("uvicorn")
 from uvicorn.main import run
 report["run"] = uvicorn.run is run and uvicorn.Server is uvicorn.server.Server
-report["initialised"] = lazy_uvicorn.initialised(uvicorn)
+report["initialised"] = lean.initialised(uvicorn)
 sys.stdout.write(json.dumps(report))
 """
 
