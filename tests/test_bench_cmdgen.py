@@ -25,7 +25,7 @@ import pytest
 
 from bench import downlink
 from bench.scenarios import Params, Relay
-from tests.helpers import MS, Daemon, NotifySocket, free_port, run_daemon
+from tests.helpers import MS, NotifySocket, free_port, run_daemon
 from tests.test_downlink import connected, device, downlink_ports
 
 pytestmark = pytest.mark.anyio
@@ -371,7 +371,7 @@ async def test_an_upgrade_refused_is_an_error(cmdgen: Path) -> None:
 # --- as bench/downlink.py runs it
 
 
-def relay(d: Daemon | None, ws_port: int, dev_port: int, spare: tuple[int, ...] = ()) -> Relay:
+def relay(ws_port: int, dev_port: int, spare: tuple[int, ...] = ()) -> Relay:
     return Relay("relayd", cast(Any, None), "127.0.0.1", ws_port, dev_port, spare_cores=spare)
 
 
@@ -392,7 +392,7 @@ async def test_downlink_bench_runs_it_and_sums_its_processes(
         await connected(d, dev_port, 1)
         P = Params(downlink_clients=4, downlink_rate=50.0)
         spare = max(os.sched_getaffinity(0))  # as bench/run.py gives it on a bigger machine
-        r = relay(d, d.http_port, dev_port, spare=(spare,))
+        r = relay(d.http_port, dev_port, spare=(spare,))
         procs = await downlink._command_processes(r, d.ports[0], 2, P)
         assert [cpus_allowed(p.pid) for p in procs] == [str(spare)] * 2
         n = downlink.Counts()
@@ -410,9 +410,9 @@ async def test_downlink_bench_says_what_went_wrong(
 ) -> None:
     monkeypatch.setattr(downlink, "CMDGEN", tmp_path / "cmdgen")
     with pytest.raises(RuntimeError, match=r"cmdgen is missing: run `make bench-deps`"):
-        await downlink._command_processes(relay(None, 1, 1), 1, 1)
+        await downlink._command_processes(relay(1, 1), 1, 1)
     monkeypatch.setattr(downlink, "CMDGEN", cmdgen)
-    nobody = relay(None, free_port(), 1)
+    nobody = relay(free_port(), 1)
     with pytest.raises(RuntimeError, match=r"did not start: cmdgen: client 0: cannot connect"):
         await downlink._command_processes(nobody, 1, 1)
 

@@ -219,11 +219,8 @@ async def test_a_text_message_that_is_not_utf8_closes_the_client_with_1007(
     whether relayd's quick path or websockets' parser read the frame."""
     port = free_port()
     async with run_daemon(tmp_path, notify, extra=downlink_ports(port)) as d:
-        reader, writer = await device(port)
-        await connected(d, port, 1)
-        ws_reader, ws_writer = await json_client(d)
+        reader, writer, ws_reader, ws_writer, _ = await device_and_client(d, port)
         async with asyncio.timeout(5_000 * MS):
-            await wait_until(lambda: d.runtime.hub.clients == 1)
             good = json.dumps({"port": port, "data": "ok\u00e9", "id": 1}, ensure_ascii=False)
             ws_writer.write(client_frame(good.encode()))  # UTF-8: written
             assert await read_exactly(reader, 5) == b"ok\xc3\xa9\n"
